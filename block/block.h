@@ -1,0 +1,456 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * block.h - the block layer's internal types: host files, format nodes,
+ * requests and queues, and the contract format drivers implement.
+ *
+ * Layering (see DESIGN.md):
+ *   VdkImage   what the user opened: a chain of nodes plus options.
+ *   VdkNode    one layer of the chain: a format driver instance over a file
+ *              (and a backing node, for formats that have one).
+ *   VdkFile    a host file or block device: fd, O_DIRECT alignment, the
+ *              bounce/read-modify-write machinery.
+ *   VdkQueue   per-thread request machinery on top of one engine context.
+ *
+ * A request is split by the node's map() into extents.  DATA extents become
+ * engine operations on a file (children), ZERO extents are filled in
+ * memory, UNALLOC extents are read from the backing node (or zero-filled).
+ */
+#ifndef VDK_BLOCK_H
+#define VDK_BLOCK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <glib.h>
+
+#include "io/io.h"
+#include "vdk/vdk.h"
+
+typedef struct VdkFile VdkFile;
+typedef struct VdkNode VdkNode;
+typedef struct VdkFormat VdkFormat;
+typedef struct VdkRequest VdkRequest;
+typedef struct VdkChild VdkChild;
+typedef struct VdkOptionDesc VdkOptionDesc;
+typedef struct VdkInfo VdkInfo;
+
+/* Requests larger than this are refused with -EINVAL (NBD's and virtio's
+ * usual limits are far below; it bounds bounce-buffer allocations). */
+#define VDK_MAX_REQUEST_BYTES (1ULL << 30)
+/* Longest backing chain followed (qemu has no fixed limit; a loop or a
+ * hostile chain must not exhaust fds or stack). */
+#define VDK_MAX_CHAIN_DEPTH 64
+
+typedef enum {
+    VDK_CACHE_WRITEBACK = 0,
+    VDK_CACHE_NONE,
+    VDK_CACHE_WRITETHROUGH,
+    VDK_CACHE_DIRECTSYNC,
+    VDK_CACHE_UNSAFE,
+} VdkCacheMode;
+
+struct VdkOpenOptions {
+    char *format;
+    bool read_only;
+    VdkCacheMode cache;
+    char *engine; /* NULL = auto */
+    GHashTable *extra; /* key -> value, driver options */
+};
+
+const char *vdk_cache_mode_name(VdkCacheMode mode);
+bool vdk_cache_mode_parse(const char *s, VdkCacheMode *out, GError **error);
+
+/* ------------------------------------------------------------------------ */
+/* Host files                                                                */
+/* ------------------------------------------------------------------------ */
+
+struct VdkFile {
+    int fd;
+    int buffered_fd;      /* lazily opened non-O_DIRECT twin, for the unaligned EOF tail */
+    char *filename;
+    bool read_only;
+    bool direct;          /* O_DIRECT */
+    bool dsync;           /* writes durable at completion (O_DSYNC) */
+    bool no_flush;        /* cache=unsafe */
+    bool is_blockdev;
+    uint32_t buf_align;   /* memory alignment for I/O buffers (1 when buffered) */
+    uint32_t req_align;   /* offset/length alignment (1 when buffered) */
+    uint32_t logical_block_size; /* block devices: BLKSSZGET; else 512 */
+    gint zero_range_state;  /* 0 unknown, 1 works, -1 unsupported */
+    gint punch_hole_state;
+    uint64_t size;          /* current length (tracked across writes) */
+    /* In-flight writes on direct files, for read-modify-write serialisation. */
+    GMutex lock;
+    VdkChild *tracked;
+};
+
+/* Open @filename.  @flags: O_RDONLY or O_RDWR (plus O_CREAT etc. not
+ * allowed).  The cache mode picks O_DIRECT / O_DSYNC; alignment is probed. */
+VdkFile *vdk_file_open(const char *filename, bool read_only, VdkCacheMode cache, GError **error);
+/* Wrap an fd the caller owns from now on (used by create). */
+VdkFile *vdk_file_new_from_fd(int fd, const char *filename, bool read_only, VdkCacheMode cache,
+                              GError **error);
+void vdk_file_close(VdkFile *f);
+/* Current length (BLKGETSIZE64 for devices), refreshed from the kernel. */
+bool vdk_file_refresh_size(VdkFile *f, GError **error);
+/* Bytes allocated on the host. */
+uint64_t vdk_file_allocated_bytes(VdkFile *f);
+/* Synchronous helpers for control paths (open/create/resize). */
+int vdk_file_pread_sync(VdkFile *f, void *buf, size_t len, uint64_t off);
+int vdk_file_pwrite_sync(VdkFile *f, const void *buf, size_t len, uint64_t off);
+int vdk_file_flush_sync(VdkFile *f);
+bool vdk_file_truncate(VdkFile *f, uint64_t size, VdkPrealloc prealloc, GError **error);
+/* SEEK_DATA/SEEK_HOLE: is @off in data; *pnum = bytes with that status
+ * (bounded by @len).  Returns 1 data, 0 hole, -errno. */
+int vdk_file_seek_status(VdkFile *f, uint64_t off, uint64_t len, uint64_t *pnum);
+
+/* ------------------------------------------------------------------------ */
+/* Format drivers                                                            */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+    VDK_EXT_DATA = 1, /* bytes at ext->file + ext->host_offset */
+    VDK_EXT_ZERO,     /* reads as zeroes in this layer */
+    VDK_EXT_UNALLOC,  /* not in this layer: backing node, or zero without one */
+} VdkExtentKind;
+
+typedef struct VdkExtent {
+    uint8_t kind;
+    bool host_valid; /* ZERO extents: host_offset/file are meaningful (map output) */
+    uint64_t len;    /* guest bytes covered, from the offset asked, >= 1 */
+    VdkFile *file;
+    uint64_t host_offset;
+} VdkExtent;
+
+/* map() flags */
+enum {
+    VDK_MAP_WRITE = 1u << 0, /* the caller will write the range */
+};
+
+/* Option descriptions (create options, -o help). */
+typedef enum {
+    VDK_OPT_SIZE,
+    VDK_OPT_BOOL,
+    VDK_OPT_STRING,
+    VDK_OPT_NUMBER,
+} VdkOptType;
+
+struct VdkOptionDesc {
+    const char *name;
+    VdkOptType type;
+    const char *help;
+    const char *def; /* default shown by -o help, or NULL */
+};
+
+/* Create: the block layer gives the driver temporary files that become
+ * visible under their final names only when the whole create succeeds. */
+typedef struct VdkCreateCtx VdkCreateCtx;
+struct VdkCreateOptions {
+    const VdkFormat *drv;
+    GHashTable *kv;     /* key -> value as given */
+    GPtrArray *order;   /* keys in the order given, for the "Formatting" line */
+    bool overwrite;
+};
+/* The option's value or NULL. */
+const char *vdk_create_opt(const VdkCreateOptions *o, const char *key);
+bool vdk_create_opt_size(const VdkCreateOptions *o, const char *key, uint64_t *out, bool *present,
+                         GError **error);
+bool vdk_create_opt_bool(const VdkCreateOptions *o, const char *key, bool def, bool *out, GError **error);
+bool vdk_create_opt_prealloc(const VdkCreateOptions *o, VdkPrealloc *out, GError **error);
+/* The main file being created (already open, empty, under a temporary
+ * name or unnamed); for an existing block device, the device itself. */
+VdkFile *vdk_create_main_file(VdkCreateCtx *cc);
+const char *vdk_create_filename(VdkCreateCtx *cc);
+/* Free bytes on the filesystem that will hold the image. */
+bool vdk_create_check_space(VdkCreateCtx *cc, uint64_t need, GError **error);
+
+/* Format-specific information for `info`. */
+struct VdkInfo {
+    uint64_t cluster_size; /* 0: none */
+    bool dirty;
+    char *backing_filename;
+    char *backing_format;
+    /* JSON object text for "format-specific" "data" (NULL: none) and the
+     * same as (key, value) text lines for the human output. */
+    GString *specific_json;
+    GPtrArray *specific_lines;
+};
+
+struct VdkFormat {
+    const char *name;
+    /* 0 = not this format, higher = more certain; raw returns 1. */
+    int (*probe)(const uint8_t *buf, size_t len, const char *filename);
+    /* Open: n->file is open; set n->size, n->opaque.  Blocking (control path). */
+    bool (*open)(VdkNode *n, GError **error);
+    /* Write back dirty metadata and free n->opaque.  Blocking. */
+    bool (*close)(VdkNode *n, GError **error);
+    /*
+     * map: translate the guest range [offset, offset+len) (len >= 1, inside
+     * the node) into its first extent.  Called on the queue's thread; must
+     * not block.  Returns 0 with *ext filled (ext->len <= len), or -errno.
+     * (Drivers with on-disk metadata will be able to return VDK_MAP_WAIT
+     * after arranging for @r to be re-stepped; raw never waits.)
+     */
+    int (*map)(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r);
+    /*
+     * block_status: like map for reading, but may cost a syscall (raw asks
+     * SEEK_DATA/SEEK_HOLE) and distinguishes holes as ZERO with host_valid.
+     * NULL: map() is used.
+     */
+    int (*block_status)(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext);
+    /* discard / write_zeroes: issue the file operations for the range via
+     * vdk_req_file_discard() / vdk_req_file_zero() (and metadata updates for
+     * formats that have them).  Return 0 or -errno.  NULL: discard is a
+     * no-op and write_zeroes writes zero buffers through map(). */
+    int (*discard)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len);
+    int (*write_zeroes)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, unsigned flags);
+    /* flush: write back dirty metadata before the block layer syncs the
+     * node's files.  NULL: nothing to write. */
+    int (*flush)(VdkNode *n, VdkRequest *r);
+    /* Change the virtual size.  Blocking; no I/O in flight. */
+    bool (*truncate)(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);
+    /* Create an image in the context's main file. */
+    bool (*create)(VdkCreateCtx *cc, const VdkCreateOptions *opts, GError **error);
+    /* NULL-terminated option tables: create (-o) and open. */
+    const VdkOptionDesc *create_opts;
+    const VdkOptionDesc *open_opts;
+    /* Fill format-specific info. NULL: nothing beyond size. */
+    void (*info)(VdkNode *n, VdkInfo *info);
+    /* qemu-img check; NULL: "This image format does not support checks". */
+    void *check;
+};
+
+extern const VdkFormat vdk_format_raw;
+
+/* Every driver, in probe order. */
+extern const VdkFormat *const vdk_formats[];
+extern const size_t vdk_formats_count;
+const VdkFormat *vdk_format_find(const char *name);
+
+/* ------------------------------------------------------------------------ */
+/* Nodes and images                                                          */
+/* ------------------------------------------------------------------------ */
+
+struct VdkNode {
+    const VdkFormat *drv;
+    void *opaque;
+    VdkImage *img;
+    VdkFile *file;
+    VdkNode *backing; /* NULL: unallocated reads as zeroes */
+    char *filename;
+    uint64_t size;    /* guest-visible bytes */
+    bool read_only;
+    int depth;        /* 0 = top of the chain */
+    /* probed raw on a writable open: refuse writes that would change what
+     * sector 0 probes as (qemu's rule) */
+    bool probed_raw;
+    uint8_t sector0[512];
+    GMutex lock; /* driver metadata; never held across I/O */
+};
+
+struct VdkImage {
+    VdkNode *top;
+    VdkOpenOptions opts; /* private copy */
+    const VdkIoEngine *engine;
+    char *engine_reason;
+    GMutex sync_lock;
+    VdkQueue *sync_q; /* lazily created, for the sync API */
+    gint queues;      /* live queues */
+};
+
+void vdk_info_clear(VdkInfo *info);
+
+/* ------------------------------------------------------------------------ */
+/* Requests and queues                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+    VDK_OP_READ = 0,
+    VDK_OP_WRITE,
+    VDK_OP_FLUSH,
+    VDK_OP_DISCARD,
+    VDK_OP_WRITE_ZEROES,
+    VDK_OP_BLOCK_STATUS,
+} VdkOp;
+
+#define VDK_REQ_INLINE_IOV 4
+
+typedef void VdkRequestDone(VdkRequest *r);
+
+struct VdkRequest {
+    VdkQueue *q;
+    VdkNode *node;
+    uint8_t op;
+    bool user;        /* counts against the queue depth; completes into the CQ */
+    bool started;
+    uint32_t flags;
+    uint64_t offset;
+    uint64_t len;
+    struct iovec *iov;
+    int iovcnt;
+    uint64_t user_data;
+    VdkBlockStatus *bs_out;
+    /* progress */
+    uint64_t cursor;  /* next guest byte to dispatch */
+    unsigned pending; /* children and sub-requests in flight, +1 while stepping */
+    int error;
+    /* internal requests: called on completion instead of the CQ */
+    VdkRequestDone *done;
+    void *done_opaque;
+    VdkRequest *parent;
+    VdkRequest *next;
+    struct iovec iov_inline[VDK_REQ_INLINE_IOV];
+    bool iov_heap;
+};
+
+/* One engine operation (plus alignment handling) on behalf of a request. */
+typedef enum {
+    VDK_CHILD_PLAIN = 0,
+    VDK_CHILD_BOUNCE_READ,  /* read aligned into bounce, copy out */
+    VDK_CHILD_RMW_READ,     /* read head/tail blocks for an unaligned write */
+    VDK_CHILD_RMW_WRITE,    /* write the merged bounce */
+    VDK_CHILD_ZERO,         /* write_zeroes fallback chain */
+} VdkChildKind;
+
+struct VdkChild {
+    VdkIoReq io;
+    VdkRequest *req;
+    VdkFile *file;
+    uint8_t kind;
+    bool is_write;
+    bool tracked;       /* on file->tracked */
+    bool exclusive;     /* excludes every overlapping tracked write */
+    bool waiting;       /* parked behind an overlapping tracked write */
+    uint32_t flags;     /* VDK_REQ_* */
+    uint64_t offset;    /* file offset of the caller's bytes */
+    uint64_t len;
+    uint64_t a_start, a_end; /* aligned range (tracked writes) */
+    struct iovec *uiov; /* caller's bytes (slice), for bounce copies */
+    int uiovcnt;
+    void *bounce;
+    unsigned rmw_left;  /* RMW: reads outstanding */
+    int zero_step;      /* ZERO: which method is being tried */
+    VdkChild *track_next;
+    VdkChild *wait_next; /* children waiting on this one */
+    VdkChild *waiters;
+    VdkChild *next;      /* free list / ready list */
+    struct iovec iov_inline[VDK_REQ_INLINE_IOV];
+    struct iovec *iov_heap;
+    int iov_cap;
+};
+
+/* Issue file I/O for request @r (which gains one pending count per call and
+ * progresses when it completes).  The iovec slice is copied. */
+void vdk_req_file_rw(VdkRequest *r, VdkFile *f, bool is_write, uint64_t offset, const struct iovec *iov,
+                     int iovcnt, uint64_t len, uint32_t flags);
+void vdk_req_file_discard(VdkRequest *r, VdkFile *f, uint64_t offset, uint64_t len);
+void vdk_req_file_zero(VdkRequest *r, VdkFile *f, uint64_t offset, uint64_t len, uint32_t flags);
+void vdk_req_file_flush(VdkRequest *r, VdkFile *f);
+
+/* Record an error on @r (the first one wins). */
+void vdk_req_set_error(VdkRequest *r, int err);
+
+struct VdkQueue {
+    VdkImage *img;
+    const VdkIoEngine *engine;
+    VdkIoCtx *ctx;
+    int efd;
+    unsigned depth;
+    unsigned outstanding;   /* user requests not yet reaped */
+    unsigned unsubmitted;
+    VdkRequest *reqs;       /* user request pool [depth] */
+    VdkRequest *free_reqs;
+    VdkRequest *free_internal;
+    VdkRequest *queued_head, **queued_tail;
+    VdkCompletion *cq;      /* ring of depth */
+    unsigned cq_head, cq_count;
+    VdkIoReq *backlog_head, **backlog_tail; /* refused by a full engine batch */
+    unsigned engine_inflight;
+    VdkChild *free_children;
+    unsigned nchildren;
+    VdkChild *ready;        /* children to (re)start on this thread */
+    GMutex wake_lock;       /* cross-thread wake-ups */
+    VdkChild *woken;
+    bool in_reap;
+    bool fd_exposed;        /* vdk_queue_get_fd() was called */
+};
+
+/* Internal requests (sub-requests of a user request, or control-path I/O). */
+VdkRequest *vdk_request_new_internal(VdkQueue *q, VdkNode *n, VdkOp op);
+void vdk_request_start(VdkRequest *r);
+
+/* Hand an engine operation to the queue's engine (or its backlog). */
+void vdk_queue_engine_op(VdkQueue *q, VdkIoReq *io);
+/* Run the queue until @r-like conditions hold: used by the sync API. */
+int vdk_queue_run_until_idle(VdkQueue *q);
+
+/* Sync helper: run one request to completion on the image's private queue. */
+int vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint64_t len, unsigned flags,
+                           VdkBlockStatus *bs);
+
+/* ------------------------------------------------------------------------ */
+/* Small utilities                                                           */
+/* ------------------------------------------------------------------------ */
+
+/* "1 GiB", "1.07 MiB", "0 B" (qemu-img's human sizes: 3 significant
+ * digits in the largest binary unit that keeps the number below 1000). */
+char *vdk_size_to_str(uint64_t val);
+
+static inline bool
+vdk_add_overflows(uint64_t a, uint64_t b, uint64_t *out)
+{
+    return __builtin_add_overflow(a, b, out);
+}
+
+static inline bool
+vdk_mul_overflows(uint64_t a, uint64_t b, uint64_t *out)
+{
+    return __builtin_mul_overflow(a, b, out);
+}
+
+static inline uint64_t
+vdk_align_down(uint64_t v, uint64_t a)
+{
+    return v - (v % a);
+}
+
+static inline uint64_t
+vdk_align_up(uint64_t v, uint64_t a)
+{
+    return vdk_align_down(v + a - 1, a);
+}
+
+/* true if every byte of @buf is zero (vectorised). */
+bool vdk_buffer_is_zero(const void *buf, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Copy pipeline (convert)                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct VdkCopyParams {
+    VdkImage **src;       /* concatenated in order */
+    int nsrc;
+    VdkImage *dst;        /* at least as large as the sources together */
+    uint64_t sparse_size; /* -S: zero runs this long are skipped; 0 = write everything */
+    unsigned max_inflight;/* -m: requests in flight (0: default) */
+    uint64_t chunk;       /* bytes per request (0: default) */
+    bool in_order;        /* writes in source order (no -W) */
+    bool target_is_zero;  /* zero ranges need not be written */
+    uint64_t rate_limit;  /* bytes per second, 0 = unlimited */
+    bool flush;           /* flush the target at the end */
+    /* Called as bytes complete; returning false cancels the copy
+     * (-ECANCELED). */
+    bool (*progress)(void *opaque, uint64_t done, uint64_t total);
+    void *opaque;
+} VdkCopyParams;
+
+/* Copy the sources' guest content into @dst: block status drives the
+ * copy (holes are never read), zero runs are skipped or written as
+ * write_zeroes, data moves with many requests in flight.  Blocking. */
+bool vdk_copy(const VdkCopyParams *p, GError **error);
+
+/* Probe a buffer holding the first bytes of an image: the best driver. */
+const VdkFormat *vdk_probe_format(const uint8_t *buf, size_t len, const char *filename);
+
+#endif /* VDK_BLOCK_H */

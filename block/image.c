@@ -1,0 +1,405 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * image.c - opening and closing images: options, format probing, the node
+ * chain, getters and resize.
+ *
+ * Probing reads the first 512 bytes and asks every driver for a score; raw
+ * accepts anything with the lowest score, so it only wins when nothing else
+ * does.  A writable open that probed raw is allowed, as in qemu, but writes
+ * that would turn sector 0 into another format's header are refused
+ * (queue.c) and a warning is logged.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "block/block.h"
+
+/* ------------------------------------------------------------------------ */
+/* Options                                                                   */
+/* ------------------------------------------------------------------------ */
+
+VdkOpenOptions *
+vdk_open_options_new(void)
+{
+    VdkOpenOptions *o = g_new0(VdkOpenOptions, 1);
+    o->cache = VDK_CACHE_WRITEBACK;
+    o->extra = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, g_free);
+    return o;
+}
+
+void
+vdk_open_options_free(VdkOpenOptions *o)
+{
+    if (!o) {
+        return;
+    }
+    g_free(o->format);
+    g_free(o->engine);
+    g_hash_table_unref(o->extra);
+    g_free(o);
+}
+
+void
+vdk_open_options_set_format(VdkOpenOptions *o, const char *format)
+{
+    g_free(o->format);
+    o->format = g_strdup(format);
+}
+
+void
+vdk_open_options_set_read_only(VdkOpenOptions *o, bool read_only)
+{
+    o->read_only = read_only;
+}
+
+bool
+vdk_open_options_set_cache(VdkOpenOptions *o, const char *mode, GError **error)
+{
+    return vdk_cache_mode_parse(mode, &o->cache, error);
+}
+
+bool
+vdk_open_options_set_engine(VdkOpenOptions *o, const char *engine, GError **error)
+{
+    if (strcmp(engine, "auto") != 0 && strcmp(engine, "io_uring") != 0 && strcmp(engine, "native") != 0 &&
+        strcmp(engine, "threads") != 0) {
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "invalid aio engine '%s' (expected io_uring, native, threads or auto)", engine);
+        return false;
+    }
+    g_free(o->engine);
+    o->engine = strcmp(engine, "auto") == 0 ? NULL : g_strdup(engine);
+    return true;
+}
+
+void
+vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
+{
+    g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Formats                                                                   */
+/* ------------------------------------------------------------------------ */
+
+const VdkFormat *const vdk_formats[] = {
+    &vdk_format_raw,
+};
+const size_t vdk_formats_count = G_N_ELEMENTS(vdk_formats);
+
+const VdkFormat *
+vdk_format_find(const char *name)
+{
+    for (size_t i = 0; i < vdk_formats_count; i++) {
+        if (strcmp(vdk_formats[i]->name, name) == 0) {
+            return vdk_formats[i];
+        }
+    }
+    return NULL;
+}
+
+const VdkFormat *
+vdk_probe_format(const uint8_t *buf, size_t len, const char *filename)
+{
+    const VdkFormat *best = NULL;
+    int best_score = 0;
+    for (size_t i = 0; i < vdk_formats_count; i++) {
+        if (!vdk_formats[i]->probe) {
+            continue;
+        }
+        int s = vdk_formats[i]->probe(buf, len, filename);
+        if (s > best_score) {
+            best_score = s;
+            best = vdk_formats[i];
+        }
+    }
+    return best;
+}
+
+void
+vdk_info_clear(VdkInfo *info)
+{
+    g_free(info->backing_filename);
+    g_free(info->backing_format);
+    if (info->specific_json) {
+        g_string_free(info->specific_json, TRUE);
+    }
+    if (info->specific_lines) {
+        g_ptr_array_unref(info->specific_lines);
+    }
+    memset(info, 0, sizeof(*info));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Nodes                                                                     */
+/* ------------------------------------------------------------------------ */
+
+static void
+node_free(VdkNode *n)
+{
+    if (!n) {
+        return;
+    }
+    vdk_file_close(n->file);
+    g_mutex_clear(&n->lock);
+    g_free(n->filename);
+    g_free(n);
+}
+
+static VdkNode *
+node_open(VdkImage *img, const char *filename, const char *format, bool read_only, int depth, GError **error)
+{
+    VdkNode *n = g_new0(VdkNode, 1);
+    g_mutex_init(&n->lock);
+    n->img = img;
+    n->filename = g_strdup(filename);
+    n->read_only = read_only;
+    n->depth = depth;
+
+    n->file = vdk_file_open(filename, read_only, img->opts.cache, error);
+    if (!n->file) {
+        node_free(n);
+        return NULL;
+    }
+
+    if (format) {
+        n->drv = vdk_format_find(format);
+        if (!n->drv) {
+            g_set_error(error, VDK_ERROR, EINVAL, "unknown format '%s'", format);
+            node_free(n);
+            return NULL;
+        }
+    } else {
+        uint8_t buf[512];
+        int r = vdk_file_pread_sync(n->file, buf, sizeof(buf), 0);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "cannot read the image header: %s", g_strerror(-r));
+            node_free(n);
+            return NULL;
+        }
+        n->drv = vdk_probe_format(buf, sizeof(buf), filename);
+        if (!n->drv) {
+            g_set_error(error, VDK_ERROR, EINVAL, "could not determine the image format");
+            node_free(n);
+            return NULL;
+        }
+        if (n->drv == &vdk_format_raw && !read_only) {
+            n->probed_raw = true;
+            memcpy(n->sector0, buf, sizeof(n->sector0));
+            g_log("vdk", G_LOG_LEVEL_WARNING,
+                  "Image format was not specified for '%s' and probing guessed raw. "
+                  "Automatically detecting the format is dangerous for raw images, write operations on "
+                  "block 0 will be restricted. Specify the 'raw' format explicitly to remove the restrictions.",
+                  filename);
+        }
+    }
+
+    if (!n->drv->open(n, error)) {
+        node_free(n);
+        return NULL;
+    }
+    return n;
+}
+
+static bool
+node_close(VdkNode *n, GError **error)
+{
+    bool ok = true;
+    if (n->drv && n->drv->close) {
+        ok = n->drv->close(n, error);
+    }
+    node_free(n);
+    return ok;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Images                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static bool
+image_check_options(VdkImage *img, GError **error)
+{
+    GHashTableIter it;
+    gpointer key;
+    g_hash_table_iter_init(&it, img->opts.extra);
+    while (g_hash_table_iter_next(&it, &key, NULL)) {
+        bool known = false;
+        const VdkOptionDesc *d = img->top->drv->open_opts;
+        for (; d && d->name; d++) {
+            if (strcmp(d->name, key) == 0) {
+                known = true;
+                break;
+            }
+        }
+        if (!known) {
+            g_set_error(error, VDK_ERROR, EINVAL, "%s: unknown open option '%s'", img->top->drv->name,
+                        (const char *)key);
+            return false;
+        }
+    }
+    return true;
+}
+
+VdkImage *
+vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
+{
+    VdkOpenOptions *defaults = NULL;
+    if (!opts) {
+        defaults = vdk_open_options_new();
+        opts = defaults;
+    }
+    VdkImage *img = g_new0(VdkImage, 1);
+    g_mutex_init(&img->sync_lock);
+    img->opts.format = g_strdup(opts->format);
+    img->opts.read_only = opts->read_only;
+    img->opts.cache = opts->cache;
+    img->opts.engine = g_strdup(opts->engine);
+    img->opts.extra = g_hash_table_ref(opts->extra);
+    vdk_open_options_free(defaults);
+
+    img->engine = vdk_io_engine_select(img->opts.engine, &img->engine_reason, error);
+    if (!img->engine) {
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
+    if (img->engine_reason) {
+        g_log("vdk", G_LOG_LEVEL_DEBUG, "aio=auto: %s", img->engine_reason);
+    }
+
+    img->top = node_open(img, filename, img->opts.format, img->opts.read_only, 0, error);
+    if (!img->top) {
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
+    if (!image_check_options(img, error)) {
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
+    return img;
+}
+
+bool
+vdk_image_close(VdkImage *img, GError **error)
+{
+    if (!img) {
+        return true;
+    }
+    bool ok = true;
+    if (img->sync_q) {
+        vdk_queue_free(img->sync_q);
+        img->sync_q = NULL;
+    }
+    if (g_atomic_int_get(&img->queues) != 0) {
+        g_log("vdk", G_LOG_LEVEL_CRITICAL, "vdk_image_close: %d queue(s) still open",
+              g_atomic_int_get(&img->queues));
+    }
+    VdkNode *n = img->top;
+    while (n) {
+        VdkNode *next = n->backing;
+        GError *err = NULL;
+        if (!node_close(n, &err)) {
+            if (ok) {
+                g_propagate_error(error, err);
+            } else {
+                g_clear_error(&err);
+            }
+            ok = false;
+        }
+        n = next;
+    }
+    g_free(img->opts.format);
+    g_free(img->opts.engine);
+    if (img->opts.extra) {
+        g_hash_table_unref(img->opts.extra);
+    }
+    g_free(img->engine_reason);
+    g_mutex_clear(&img->sync_lock);
+    g_free(img);
+    return ok;
+}
+
+uint64_t
+vdk_image_get_size(VdkImage *img)
+{
+    return img->top->size;
+}
+
+const char *
+vdk_image_get_format(VdkImage *img)
+{
+    return img->top->drv->name;
+}
+
+const char *
+vdk_image_get_filename(VdkImage *img)
+{
+    return img->top->filename;
+}
+
+const char *
+vdk_image_get_engine(VdkImage *img)
+{
+    return img->engine->name;
+}
+
+const char *
+vdk_image_get_cache(VdkImage *img)
+{
+    return vdk_cache_mode_name(img->opts.cache);
+}
+
+bool
+vdk_image_is_read_only(VdkImage *img)
+{
+    return img->top->read_only;
+}
+
+uint64_t
+vdk_image_get_actual_size(VdkImage *img)
+{
+    return vdk_file_allocated_bytes(img->top->file);
+}
+
+int
+vdk_image_get_chain_length(VdkImage *img)
+{
+    int n = 0;
+    for (VdkNode *x = img->top; x; x = x->backing) {
+        n++;
+    }
+    return n;
+}
+
+const char *
+vdk_image_get_layer_filename(VdkImage *img, int depth)
+{
+    VdkNode *x = img->top;
+    while (x && depth-- > 0) {
+        x = x->backing;
+    }
+    return x ? x->filename : NULL;
+}
+
+bool
+vdk_image_resize(VdkImage *img, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error)
+{
+    VdkNode *n = img->top;
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    if (size < n->size && !shrink) {
+        g_set_error(error, VDK_ERROR, EINVAL, "Use the --shrink option to perform a shrink operation.");
+        return false;
+    }
+    if (!n->drv->truncate) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: this format does not support resizing", n->drv->name);
+        return false;
+    }
+    if (size == n->size) {
+        return true;
+    }
+    return n->drv->truncate(n, size, shrink, prealloc, error);
+}

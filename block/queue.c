@@ -1,0 +1,1043 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * queue.c - the request machinery behind vdk_queue_* and the sync API.
+ *
+ * Life of a user request:
+ *   vdk_queue_readv()   validate, take a request from the queue's pool,
+ *                       append to the `queued` list.  No I/O.
+ *   vdk_queue_submit()  start each queued request: the node's map() splits
+ *                       it into extents; DATA extents become file children
+ *                       (engine operations), ZERO extents are memset,
+ *                       UNALLOC extents go to the backing node as internal
+ *                       sub-requests.  Then one engine submit for the batch.
+ *   vdk_queue_reap()    clear the eventfd, reap the engine (child callbacks
+ *                       run here and may queue follow-up operations),
+ *                       restart woken children, submit follow-ups, and copy
+ *                       finished requests out of the completion ring.
+ *
+ * A request's `pending` counts its children and sub-requests in flight plus
+ * one while it is being stepped, so it completes exactly once, when the
+ * last of them finishes.  Internal requests (backing reads, control-path
+ * I/O) use the same path but call a done() hook instead of the ring.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "block/block.h"
+
+#define QUEUE_DEFAULT_DEPTH 128
+#define QUEUE_MAX_DEPTH 4096
+
+void vdk_queue_run_ready(VdkQueue *q);
+void vdk_queue_free_children(VdkQueue *q);
+void vdk_request_child_done(VdkRequest *r);
+
+static void request_step(VdkRequest *r);
+
+/* ------------------------------------------------------------------------ */
+/* Engine plumbing                                                           */
+/* ------------------------------------------------------------------------ */
+
+void
+vdk_queue_engine_op(VdkQueue *q, VdkIoReq *io)
+{
+    if (q->backlog_head == NULL && q->engine->queue(q->ctx, io) == 0) {
+        return;
+    }
+    io->next = NULL;
+    *q->backlog_tail = io;
+    q->backlog_tail = &io->next;
+}
+
+/* Send everything queued to the kernel, feeding the backlog into the
+ * engine as the batch drains. */
+static void
+queue_kick(VdkQueue *q)
+{
+    for (;;) {
+        while (q->backlog_head) {
+            VdkIoReq *io = q->backlog_head;
+            if (q->engine->queue(q->ctx, io) != 0) {
+                break;
+            }
+            q->backlog_head = io->next;
+            if (!q->backlog_head) {
+                q->backlog_tail = &q->backlog_head;
+            }
+        }
+        if (q->engine->queued(q->ctx) == 0) {
+            return;
+        }
+        int r = q->engine->submit(q->ctx);
+        if (r <= 0 || !q->backlog_head) {
+            /* r < 0: the kernel is out of resources; what stays queued goes
+             * out on the next reap, once completions have freed room. */
+            return;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Requests                                                                  */
+/* ------------------------------------------------------------------------ */
+
+void
+vdk_req_set_error(VdkRequest *r, int err)
+{
+    if (err < 0 && r->error == 0) {
+        r->error = err;
+    }
+}
+
+static void
+request_release_iov(VdkRequest *r)
+{
+    if (r->iov_heap) {
+        g_free(r->iov);
+        r->iov_heap = false;
+    }
+    r->iov = NULL;
+    r->iovcnt = 0;
+}
+
+static bool
+request_set_iov(VdkRequest *r, const struct iovec *iov, int iovcnt)
+{
+    if (iovcnt <= VDK_REQ_INLINE_IOV) {
+        r->iov = r->iov_inline;
+        r->iov_heap = false;
+    } else {
+        r->iov = g_try_new(struct iovec, (gsize)iovcnt);
+        if (!r->iov) {
+            return false;
+        }
+        r->iov_heap = true;
+    }
+    if (iovcnt > 0) {
+        memcpy(r->iov, iov, sizeof(*iov) * (size_t)iovcnt);
+    }
+    r->iovcnt = iovcnt;
+    return true;
+}
+
+VdkRequest *
+vdk_request_new_internal(VdkQueue *q, VdkNode *n, VdkOp op)
+{
+    VdkRequest *r = q->free_internal;
+    if (r) {
+        q->free_internal = r->next;
+    } else {
+        r = g_new0(VdkRequest, 1);
+    }
+    memset(r, 0, sizeof(*r));
+    r->q = q;
+    r->node = n;
+    r->op = (uint8_t)op;
+    return r;
+}
+
+static void
+request_free(VdkRequest *r)
+{
+    VdkQueue *q = r->q;
+    request_release_iov(r);
+    if (r->user) {
+        r->next = q->free_reqs;
+        q->free_reqs = r;
+    } else {
+        r->next = q->free_internal;
+        q->free_internal = r;
+    }
+}
+
+static void
+request_complete(VdkRequest *r)
+{
+    VdkQueue *q = r->q;
+    if (!r->user) {
+        VdkRequestDone *done = r->done;
+        if (done) {
+            done(r);
+        }
+        request_free(r);
+        return;
+    }
+    int64_t result = r->error;
+    if (result == 0 && (r->op == VDK_OP_READ || r->op == VDK_OP_WRITE)) {
+        result = (int64_t)r->len;
+    }
+    unsigned slot = (q->cq_head + q->cq_count) % q->depth;
+    q->cq[slot].user_data = r->user_data;
+    q->cq[slot].result = result;
+    q->cq_count++;
+    request_free(r);
+    if (!q->in_reap) {
+        vdk_io_eventfd_signal(q->efd);
+    }
+}
+
+void
+vdk_request_child_done(VdkRequest *r)
+{
+    g_assert(r->pending > 0);
+    if (--r->pending > 0) {
+        return;
+    }
+    if ((r->flags & VDK_REQ_FUA) && r->op == VDK_OP_WRITE_ZEROES && r->error == 0) {
+        /* Zeroing by fallocate is not covered by RWF_DSYNC: sync after. */
+        r->flags &= ~(uint32_t)VDK_REQ_FUA;
+        r->pending++;
+        vdk_req_file_flush(r, r->node->file);
+        vdk_request_child_done(r);
+        return;
+    }
+    request_complete(r);
+}
+
+/* Find the iovec slice [off, off+len) of an iovec array. Returns the
+ * number of entries written to @out (at most @max), or -1 if more needed. */
+static int
+iov_slice(const struct iovec *iov, int cnt, uint64_t off, uint64_t len, struct iovec *out, int max)
+{
+    int n = 0;
+    int i = 0;
+    while (i < cnt && off >= iov[i].iov_len) {
+        off -= iov[i].iov_len;
+        i++;
+    }
+    while (len > 0 && i < cnt) {
+        if (n == max) {
+            return -1;
+        }
+        size_t avail = iov[i].iov_len - (size_t)off;
+        size_t take = (size_t)MIN((uint64_t)avail, len);
+        out[n].iov_base = (char *)iov[i].iov_base + off;
+        out[n].iov_len = take;
+        n++;
+        len -= take;
+        off = 0;
+        i++;
+    }
+    return n;
+}
+
+static void
+iov_memset(const struct iovec *iov, int cnt, uint64_t off, uint64_t len)
+{
+    int i = 0;
+    while (i < cnt && off >= iov[i].iov_len) {
+        off -= iov[i].iov_len;
+        i++;
+    }
+    while (len > 0 && i < cnt) {
+        size_t avail = iov[i].iov_len - (size_t)off;
+        size_t take = (size_t)MIN((uint64_t)avail, len);
+        memset((char *)iov[i].iov_base + off, 0, take);
+        len -= take;
+        off = 0;
+        i++;
+    }
+}
+
+static void
+iov_copy_out(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len)
+{
+    int i = 0;
+    while (i < cnt && off >= iov[i].iov_len) {
+        off -= iov[i].iov_len;
+        i++;
+    }
+    char *p = buf;
+    while (len > 0 && i < cnt) {
+        size_t avail = iov[i].iov_len - (size_t)off;
+        size_t take = (size_t)MIN((uint64_t)avail, len);
+        memcpy(p, (char *)iov[i].iov_base + off, take);
+        p += take;
+        len -= take;
+        off = 0;
+        i++;
+    }
+}
+
+/* A slice of @r's buffers as a temporary iovec array (stack for small,
+ * heap for large vectors). */
+typedef struct {
+    struct iovec stack[16];
+    struct iovec *v;
+    int n;
+} IovSlice;
+
+static bool
+slice_get(VdkRequest *r, uint64_t off, uint64_t len, IovSlice *s)
+{
+    s->v = s->stack;
+    s->n = iov_slice(r->iov, r->iovcnt, off, len, s->stack, (int)G_N_ELEMENTS(s->stack));
+    if (s->n >= 0) {
+        return true;
+    }
+    s->v = g_try_new(struct iovec, (gsize)r->iovcnt);
+    if (!s->v) {
+        return false;
+    }
+    s->n = iov_slice(r->iov, r->iovcnt, off, len, s->v, r->iovcnt);
+    return true;
+}
+
+static void
+slice_free(IovSlice *s)
+{
+    if (s->v != s->stack) {
+        g_free(s->v);
+    }
+}
+
+static void
+backing_read_done(VdkRequest *sub)
+{
+    VdkRequest *parent = sub->parent;
+    vdk_req_set_error(parent, sub->error);
+    vdk_request_child_done(parent);
+}
+
+/* Read [off, off+len) of the request's range from the backing node (or
+ * zeroes beyond it). */
+static void
+request_read_backing(VdkRequest *r, uint64_t off, uint64_t len)
+{
+    VdkNode *b = r->node->backing;
+    uint64_t rel = off - r->offset;
+    if (!b || off >= b->size) {
+        iov_memset(r->iov, r->iovcnt, rel, len);
+        return;
+    }
+    uint64_t blen = MIN(len, b->size - off);
+    if (blen < len) {
+        iov_memset(r->iov, r->iovcnt, rel + blen, len - blen);
+    }
+    VdkRequest *sub = vdk_request_new_internal(r->q, b, VDK_OP_READ);
+    IovSlice s;
+    if (!slice_get(r, rel, blen, &s) || !request_set_iov(sub, s.v, s.n)) {
+        slice_free(&s);
+        request_free(sub);
+        vdk_req_set_error(r, -ENOMEM);
+        return;
+    }
+    slice_free(&s);
+    sub->offset = off;
+    sub->len = blen;
+    sub->cursor = off;
+    sub->parent = r;
+    sub->done = backing_read_done;
+    r->pending++;
+    request_step(sub);
+}
+
+/* qemu's rule for probed raw images: a write must not make sector 0 look
+ * like another format.  The node keeps a copy of sector 0 to merge into. */
+static int
+request_check_sector0(VdkRequest *r)
+{
+    VdkNode *n = r->node;
+    if (!n->probed_raw || r->offset >= sizeof(n->sector0)) {
+        return 0;
+    }
+    uint8_t buf[sizeof(n->sector0)];
+    g_mutex_lock(&n->lock);
+    memcpy(buf, n->sector0, sizeof(buf));
+    uint64_t end = MIN(r->offset + r->len, (uint64_t)sizeof(buf));
+    if (r->op == VDK_OP_WRITE) {
+        iov_copy_out(r->iov, r->iovcnt, 0, buf + r->offset, end - r->offset);
+    } else {
+        memset(buf + r->offset, 0, (size_t)(end - r->offset));
+    }
+    const VdkFormat *drv = vdk_probe_format(buf, sizeof(buf), n->filename);
+    if (drv != &vdk_format_raw) {
+        g_mutex_unlock(&n->lock);
+        return -EPERM;
+    }
+    memcpy(n->sector0, buf, sizeof(buf));
+    g_mutex_unlock(&n->lock);
+    return 0;
+}
+
+/* Dispatch a read or write: map extent after extent. */
+static void
+request_step_rw(VdkRequest *r)
+{
+    VdkNode *n = r->node;
+    bool is_write = r->op == VDK_OP_WRITE;
+    uint64_t end = r->offset + r->len;
+
+    while (r->cursor < end && r->error == 0) {
+        VdkExtent ext;
+        memset(&ext, 0, sizeof(ext));
+        int ret = n->drv->map(n, r->cursor, end - r->cursor, is_write ? VDK_MAP_WRITE : 0, &ext, r);
+        if (ret < 0) {
+            vdk_req_set_error(r, ret);
+            break;
+        }
+        if (ext.len == 0 || ext.len > end - r->cursor) {
+            vdk_req_set_error(r, -EIO);
+            break;
+        }
+        uint64_t rel = r->cursor - r->offset;
+        switch (ext.kind) {
+        case VDK_EXT_DATA: {
+            IovSlice s;
+            if (!slice_get(r, rel, ext.len, &s)) {
+                vdk_req_set_error(r, -ENOMEM);
+                break;
+            }
+            vdk_req_file_rw(r, ext.file, is_write, ext.host_offset, s.v, s.n, ext.len, r->flags);
+            slice_free(&s);
+            break;
+        }
+        case VDK_EXT_ZERO:
+            if (is_write) {
+                vdk_req_set_error(r, -EIO);
+            } else {
+                iov_memset(r->iov, r->iovcnt, rel, ext.len);
+            }
+            break;
+        case VDK_EXT_UNALLOC:
+            if (is_write) {
+                vdk_req_set_error(r, -EIO);
+            } else {
+                request_read_backing(r, r->cursor, ext.len);
+            }
+            break;
+        default:
+            vdk_req_set_error(r, -EIO);
+            break;
+        }
+        r->cursor += ext.len;
+    }
+}
+
+/* Block status through the chain: the first layer that has the range. */
+static int
+node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out)
+{
+    VdkExtent ext;
+    memset(&ext, 0, sizeof(ext));
+    int ret;
+    if (n->drv->block_status) {
+        ret = n->drv->block_status(n, off, len, &ext);
+    } else {
+        ret = n->drv->map(n, off, len, 0, &ext, NULL);
+    }
+    if (ret < 0) {
+        return ret;
+    }
+    if (ext.len == 0 || ext.len > len) {
+        return -EIO;
+    }
+    out->offset = off;
+    out->length = ext.len;
+    out->depth = n->depth;
+    out->host_offset = 0;
+    switch (ext.kind) {
+    case VDK_EXT_DATA:
+        out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED | VDK_BS_OFFSET_VALID;
+        out->host_offset = ext.host_offset;
+        return 0;
+    case VDK_EXT_ZERO:
+        out->flags = VDK_BS_ZERO | VDK_BS_ALLOCATED;
+        if (ext.host_valid) {
+            out->flags |= VDK_BS_OFFSET_VALID;
+            out->host_offset = ext.host_offset;
+        }
+        return 0;
+    case VDK_EXT_UNALLOC:
+        if (n->backing && off < n->backing->size) {
+            return node_block_status(n->backing, off, MIN(ext.len, n->backing->size - off), out);
+        }
+        out->flags = VDK_BS_ZERO;
+        return 0;
+    }
+    return -EIO;
+}
+
+static void
+request_step(VdkRequest *r)
+{
+    VdkNode *n = r->node;
+    r->pending++; /* held while stepping */
+    switch (r->op) {
+    case VDK_OP_READ:
+        request_step_rw(r);
+        break;
+    case VDK_OP_WRITE: {
+        int ret = request_check_sector0(r);
+        if (ret < 0) {
+            vdk_req_set_error(r, ret);
+            break;
+        }
+        request_step_rw(r);
+        break;
+    }
+    case VDK_OP_FLUSH:
+        for (VdkNode *x = n; x; x = x->backing) {
+            if (x->read_only) {
+                continue;
+            }
+            if (x->drv->flush) {
+                int ret = x->drv->flush(x, r);
+                if (ret < 0) {
+                    vdk_req_set_error(r, ret);
+                    break;
+                }
+            }
+            vdk_req_file_flush(r, x->file);
+        }
+        break;
+    case VDK_OP_DISCARD:
+        if (n->drv->discard) {
+            vdk_req_set_error(r, n->drv->discard(n, r, r->offset, r->len));
+        }
+        break;
+    case VDK_OP_WRITE_ZEROES: {
+        int ret = request_check_sector0(r);
+        if (ret == 0 && n->drv->write_zeroes) {
+            ret = n->drv->write_zeroes(n, r, r->offset, r->len, r->flags);
+        } else if (ret == 0) {
+            ret = -ENOTSUP;
+        }
+        vdk_req_set_error(r, ret);
+        break;
+    }
+    case VDK_OP_BLOCK_STATUS: {
+        int ret = node_block_status(n, r->offset, r->len, r->bs_out);
+        vdk_req_set_error(r, ret);
+        break;
+    }
+    default:
+        vdk_req_set_error(r, -EINVAL);
+        break;
+    }
+    vdk_request_child_done(r);
+}
+
+void
+vdk_request_start(VdkRequest *r)
+{
+    r->started = true;
+    r->cursor = r->offset;
+    request_step(r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public queue API                                                          */
+/* ------------------------------------------------------------------------ */
+
+VdkQueue *
+vdk_queue_new(VdkImage *img, unsigned depth, GError **error)
+{
+    if (depth == 0) {
+        depth = QUEUE_DEFAULT_DEPTH;
+    }
+    if (depth > QUEUE_MAX_DEPTH) {
+        g_set_error(error, VDK_ERROR, EINVAL, "queue depth %u is too large (max %u)", depth, QUEUE_MAX_DEPTH);
+        return NULL;
+    }
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd < 0) {
+        g_set_error(error, VDK_ERROR, errno, "cannot create an eventfd: %s", g_strerror(errno));
+        return NULL;
+    }
+    VdkIoCtx *ctx = img->engine->ctx_new(depth, efd, error);
+    if (!ctx) {
+        close(efd);
+        return NULL;
+    }
+    VdkQueue *q = g_new0(VdkQueue, 1);
+    q->img = img;
+    q->engine = img->engine;
+    q->ctx = ctx;
+    q->efd = efd;
+    q->depth = depth;
+    q->reqs = g_new0(VdkRequest, depth);
+    for (unsigned i = 0; i < depth; i++) {
+        q->reqs[i].next = q->free_reqs;
+        q->free_reqs = &q->reqs[i];
+    }
+    q->cq = g_new0(VdkCompletion, depth);
+    q->queued_tail = &q->queued_head;
+    q->backlog_tail = &q->backlog_head;
+    g_mutex_init(&q->wake_lock);
+    if (q->engine->set_notify) {
+        q->engine->set_notify(q->ctx, false);
+    }
+    g_atomic_int_inc(&img->queues);
+    return q;
+}
+
+int
+vdk_queue_get_fd(VdkQueue *q)
+{
+    if (!q->fd_exposed) {
+        q->fd_exposed = true;
+        if (q->engine->set_notify) {
+            q->engine->set_notify(q->ctx, true);
+        }
+    }
+    return q->efd;
+}
+
+/* Does this queue sleep in the engine rather than on its eventfd? */
+static bool
+queue_engine_waits(VdkQueue *q)
+{
+    return !q->fd_exposed && q->engine->wait != NULL;
+}
+
+/* Sleep until something may have completed. */
+static int
+queue_block(VdkQueue *q, int timeout_ms)
+{
+    if (queue_engine_waits(q)) {
+        int r = q->engine->wait(q->ctx, timeout_ms);
+        return r == -ETIME ? 0 : r;
+    }
+    struct pollfd pfd = {.fd = q->efd, .events = POLLIN};
+    int r = poll(&pfd, 1, timeout_ms);
+    if (r < 0 && errno != EINTR) {
+        return -errno;
+    }
+    return 0;
+}
+
+unsigned
+vdk_queue_pending(VdkQueue *q)
+{
+    return q->outstanding;
+}
+
+/* Requests started and not yet complete. */
+static unsigned
+queue_inflight(VdkQueue *q)
+{
+    return q->outstanding - q->cq_count - q->unsubmitted;
+}
+
+static int
+queue_take(VdkQueue *q, VdkOp op, uint64_t offset, uint64_t len, VdkRequest **out)
+{
+    VdkNode *n = q->img->top;
+    if (q->outstanding >= q->depth) {
+        return -EAGAIN;
+    }
+    bool modifies = op == VDK_OP_WRITE || op == VDK_OP_DISCARD || op == VDK_OP_WRITE_ZEROES;
+    if (modifies && n->read_only) {
+        return -EROFS;
+    }
+    if (op != VDK_OP_FLUSH) {
+        uint64_t end;
+        if (vdk_add_overflows(offset, len, &end) || end > n->size) {
+            return modifies ? -ENOSPC : -EINVAL;
+        }
+    }
+    if ((op == VDK_OP_READ || op == VDK_OP_WRITE) && len > VDK_MAX_REQUEST_BYTES) {
+        return -EINVAL;
+    }
+    VdkRequest *r = q->free_reqs;
+    g_assert(r);
+    q->free_reqs = r->next;
+    memset(r, 0, sizeof(*r));
+    r->q = q;
+    r->node = n;
+    r->op = (uint8_t)op;
+    r->user = true;
+    r->offset = offset;
+    r->len = len;
+    *out = r;
+    return 0;
+}
+
+static void
+queue_append(VdkQueue *q, VdkRequest *r)
+{
+    r->next = NULL;
+    *q->queued_tail = r;
+    q->queued_tail = &r->next;
+    q->outstanding++;
+    q->unsubmitted++;
+}
+
+static int
+queue_rw(VdkQueue *q, VdkOp op, uint64_t offset, const struct iovec *iov, int iovcnt, unsigned flags,
+         uint64_t user_data)
+{
+    if (iovcnt < 0 || iovcnt > IOV_MAX || (iovcnt > 0 && !iov)) {
+        return -EINVAL;
+    }
+    uint64_t len = 0;
+    for (int i = 0; i < iovcnt; i++) {
+        if (vdk_add_overflows(len, iov[i].iov_len, &len)) {
+            return -EINVAL;
+        }
+    }
+    if (flags & ~(unsigned)VDK_REQ_FUA) {
+        return -EINVAL;
+    }
+    VdkRequest *r;
+    int ret = queue_take(q, op, offset, len, &r);
+    if (ret < 0) {
+        return ret;
+    }
+    if (!request_set_iov(r, iov, iovcnt)) {
+        r->next = q->free_reqs;
+        q->free_reqs = r;
+        return -ENOMEM;
+    }
+    r->flags = flags;
+    r->user_data = user_data;
+    queue_append(q, r);
+    return 0;
+}
+
+int
+vdk_queue_readv(VdkQueue *q, uint64_t offset, const struct iovec *iov, int iovcnt, uint64_t user_data)
+{
+    return queue_rw(q, VDK_OP_READ, offset, iov, iovcnt, 0, user_data);
+}
+
+int
+vdk_queue_writev(VdkQueue *q, uint64_t offset, const struct iovec *iov, int iovcnt, unsigned flags,
+                 uint64_t user_data)
+{
+    return queue_rw(q, VDK_OP_WRITE, offset, iov, iovcnt, flags, user_data);
+}
+
+int
+vdk_queue_read(VdkQueue *q, uint64_t offset, void *buf, size_t len, uint64_t user_data)
+{
+    struct iovec iov = {buf, len};
+    return queue_rw(q, VDK_OP_READ, offset, &iov, 1, 0, user_data);
+}
+
+int
+vdk_queue_write(VdkQueue *q, uint64_t offset, const void *buf, size_t len, unsigned flags, uint64_t user_data)
+{
+    struct iovec iov = {(void *)buf, len};
+    return queue_rw(q, VDK_OP_WRITE, offset, &iov, 1, flags, user_data);
+}
+
+static int
+queue_simple(VdkQueue *q, VdkOp op, uint64_t offset, uint64_t length, unsigned flags, VdkBlockStatus *bs,
+             uint64_t user_data)
+{
+    VdkRequest *r;
+    int ret = queue_take(q, op, offset, length, &r);
+    if (ret < 0) {
+        return ret;
+    }
+    r->flags = flags;
+    r->bs_out = bs;
+    r->user_data = user_data;
+    queue_append(q, r);
+    return 0;
+}
+
+int
+vdk_queue_flush(VdkQueue *q, uint64_t user_data)
+{
+    return queue_simple(q, VDK_OP_FLUSH, 0, 0, 0, NULL, user_data);
+}
+
+int
+vdk_queue_discard(VdkQueue *q, uint64_t offset, uint64_t length, uint64_t user_data)
+{
+    return queue_simple(q, VDK_OP_DISCARD, offset, length, 0, NULL, user_data);
+}
+
+int
+vdk_queue_write_zeroes(VdkQueue *q, uint64_t offset, uint64_t length, unsigned flags, uint64_t user_data)
+{
+    if (flags & ~(unsigned)(VDK_REQ_FUA | VDK_REQ_MAY_UNMAP | VDK_REQ_NO_FALLBACK)) {
+        return -EINVAL;
+    }
+    return queue_simple(q, VDK_OP_WRITE_ZEROES, offset, length, flags, NULL, user_data);
+}
+
+int
+vdk_queue_block_status(VdkQueue *q, uint64_t offset, uint64_t length, VdkBlockStatus *out, uint64_t user_data)
+{
+    if (!out || length == 0) {
+        return -EINVAL;
+    }
+    return queue_simple(q, VDK_OP_BLOCK_STATUS, offset, length, 0, out, user_data);
+}
+
+static int
+queue_start_queued(VdkQueue *q)
+{
+    int n = 0;
+    while (q->queued_head) {
+        VdkRequest *r = q->queued_head;
+        q->queued_head = r->next;
+        if (!q->queued_head) {
+            q->queued_tail = &q->queued_head;
+        }
+        r->next = NULL;
+        q->unsubmitted--;
+        vdk_request_start(r);
+        n++;
+    }
+    return n;
+}
+
+int
+vdk_queue_submit(VdkQueue *q)
+{
+    int n = queue_start_queued(q);
+    queue_kick(q);
+    return n;
+}
+
+/* Reap the engine and run everything that follows from it. */
+static void
+queue_process(VdkQueue *q)
+{
+    q->in_reap = true;
+    for (;;) {
+        int n = q->engine->reap(q->ctx);
+        vdk_queue_run_ready(q);
+        queue_kick(q);
+        if (n == 0) {
+            break;
+        }
+    }
+    q->in_reap = false;
+}
+
+static int
+queue_harvest(VdkQueue *q, VdkCompletion *out, unsigned max, bool clear_fd)
+{
+    if (clear_fd) {
+        uint64_t v;
+        if (read(q->efd, &v, sizeof(v)) < 0) {
+            /* EAGAIN: nothing signalled; reap anyway. */
+        }
+    }
+    queue_process(q);
+    unsigned n = MIN(max, q->cq_count);
+    for (unsigned i = 0; i < n; i++) {
+        out[i] = q->cq[q->cq_head];
+        q->cq_head = (q->cq_head + 1) % q->depth;
+    }
+    q->cq_count -= n;
+    q->outstanding -= n;
+    if (q->cq_count > 0 && clear_fd) {
+        /* The caller asked for fewer than are ready: keep the fd readable. */
+        vdk_io_eventfd_signal(q->efd);
+    }
+    return (int)n;
+}
+
+int
+vdk_queue_reap(VdkQueue *q, VdkCompletion *out, unsigned max)
+{
+    return queue_harvest(q, out, max, !queue_engine_waits(q));
+}
+
+static int64_t
+now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int
+vdk_queue_wait(VdkQueue *q, VdkCompletion *out, unsigned max, unsigned min, int timeout_ms)
+{
+    unsigned total = 0;
+    int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
+    if (min > max) {
+        min = max;
+    }
+    for (;;) {
+        total += (unsigned)vdk_queue_reap(q, out + total, max - total);
+        if (total >= min || total >= max) {
+            return (int)total;
+        }
+        if (queue_inflight(q) == 0 && q->cq_count == 0) {
+            /* Nothing started can complete: waiting would hang. */
+            return (int)total;
+        }
+        int wait = -1;
+        if (timeout_ms >= 0) {
+            int64_t left = deadline - now_ms();
+            if (left <= 0) {
+                return (int)total;
+            }
+            wait = (int)MIN(left, (int64_t)INT_MAX);
+        }
+        int r = queue_block(q, wait);
+        if (r < 0) {
+            return total > 0 ? (int)total : r;
+        }
+    }
+}
+
+int
+vdk_queue_submit_and_wait(VdkQueue *q, VdkCompletion *out, unsigned max, unsigned min, int timeout_ms)
+{
+    if (queue_engine_waits(q) && !q->backlog_head && q->cq_count < min) {
+        /* Start the requests but let the engine's wait send them: one
+         * system call for submit and wait. */
+        int n = queue_start_queued(q);
+        if (n > 0 && q->cq_count < min && !q->backlog_head) {
+            int r = q->engine->wait(q->ctx, timeout_ms);
+            if (r < 0 && r != -ETIME) {
+                queue_kick(q);
+                return r;
+            }
+        }
+        queue_kick(q);
+        return vdk_queue_wait(q, out, max, min, timeout_ms);
+    }
+    vdk_queue_submit(q);
+    return vdk_queue_wait(q, out, max, min, timeout_ms);
+}
+
+void
+vdk_queue_free(VdkQueue *q)
+{
+    if (!q) {
+        return;
+    }
+    /* Requests queued but never submitted are dropped. */
+    while (q->queued_head) {
+        VdkRequest *r = q->queued_head;
+        q->queued_head = r->next;
+        request_free(r);
+        q->outstanding--;
+        q->unsubmitted--;
+    }
+    q->queued_tail = &q->queued_head;
+    /* Drain what is in flight. */
+    while (queue_inflight(q) > 0 || q->backlog_head) {
+        queue_process(q);
+        if (queue_inflight(q) == 0 && !q->backlog_head) {
+            break;
+        }
+        if (queue_block(q, 1000) < 0) {
+            break;
+        }
+        uint64_t v;
+        if (!queue_engine_waits(q) && read(q->efd, &v, sizeof(v)) < 0) {
+            /* nothing signalled */
+        }
+    }
+    q->engine->ctx_free(q->ctx);
+    close(q->efd);
+    while (q->free_internal) {
+        VdkRequest *r = q->free_internal;
+        q->free_internal = r->next;
+        g_free(r);
+    }
+    vdk_queue_free_children(q);
+    g_free(q->reqs);
+    g_free(q->cq);
+    g_mutex_clear(&q->wake_lock);
+    g_atomic_int_dec_and_test(&q->img->queues);
+    g_free(q);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sync API                                                                  */
+/* ------------------------------------------------------------------------ */
+
+int
+vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint64_t len, unsigned flags,
+                       VdkBlockStatus *bs)
+{
+    int ret;
+    g_mutex_lock(&img->sync_lock);
+    if (!img->sync_q) {
+        img->sync_q = vdk_queue_new(img, 8, NULL);
+        if (!img->sync_q) {
+            g_mutex_unlock(&img->sync_lock);
+            return -ENOMEM;
+        }
+    }
+    VdkQueue *q = img->sync_q;
+    switch (op) {
+    case VDK_OP_READ:
+        ret = vdk_queue_read(q, offset, buf, (size_t)len, 0);
+        break;
+    case VDK_OP_WRITE:
+        ret = vdk_queue_write(q, offset, buf, (size_t)len, flags, 0);
+        break;
+    case VDK_OP_FLUSH:
+        ret = vdk_queue_flush(q, 0);
+        break;
+    case VDK_OP_DISCARD:
+        ret = vdk_queue_discard(q, offset, len, 0);
+        break;
+    case VDK_OP_WRITE_ZEROES:
+        ret = vdk_queue_write_zeroes(q, offset, len, flags, 0);
+        break;
+    case VDK_OP_BLOCK_STATUS:
+        ret = vdk_queue_block_status(q, offset, len, bs, 0);
+        break;
+    default:
+        ret = -EINVAL;
+        break;
+    }
+    if (ret == 0) {
+        VdkCompletion c;
+        int n = vdk_queue_submit_and_wait(q, &c, 1, 1, -1);
+        while (n == 0) {
+            n = vdk_queue_wait(q, &c, 1, 1, -1);
+        }
+        ret = n < 0 ? n : (c.result < 0 ? (int)c.result : 0);
+    }
+    g_mutex_unlock(&img->sync_lock);
+    return ret;
+}
+
+int
+vdk_image_pread(VdkImage *img, void *buf, size_t len, uint64_t offset)
+{
+    return vdk_image_sync_request(img, VDK_OP_READ, offset, buf, len, 0, NULL);
+}
+
+int
+vdk_image_pwrite(VdkImage *img, const void *buf, size_t len, uint64_t offset, unsigned flags)
+{
+    return vdk_image_sync_request(img, VDK_OP_WRITE, offset, (void *)buf, len, flags, NULL);
+}
+
+int
+vdk_image_flush(VdkImage *img)
+{
+    return vdk_image_sync_request(img, VDK_OP_FLUSH, 0, NULL, 0, 0, NULL);
+}
+
+int
+vdk_image_discard(VdkImage *img, uint64_t offset, uint64_t length)
+{
+    return vdk_image_sync_request(img, VDK_OP_DISCARD, offset, NULL, length, 0, NULL);
+}
+
+int
+vdk_image_write_zeroes(VdkImage *img, uint64_t offset, uint64_t length, unsigned flags)
+{
+    return vdk_image_sync_request(img, VDK_OP_WRITE_ZEROES, offset, NULL, length, flags, NULL);
+}
+
+int
+vdk_image_block_status(VdkImage *img, uint64_t offset, uint64_t length, VdkBlockStatus *out)
+{
+    return vdk_image_sync_request(img, VDK_OP_BLOCK_STATUS, offset, NULL, length, 0, out);
+}

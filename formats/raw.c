@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * raw.c - the raw format: guest offset == host offset.
+ *
+ * Files and block devices.  Block status comes from SEEK_DATA/SEEK_HOLE
+ * (holes are reported as zero, allocated in this layer, with their offset,
+ * like qemu-img map); discard punches holes (BLKDISCARD on devices);
+ * write_zeroes uses the file layer's fallocate/BLKZEROOUT chain.  Resizing
+ * grows or (with shrink) cuts the file; block devices cannot be resized.
+ * Create: size (rounded up to 512 bytes), preallocation=off|falloc|full.
+ * Raw has no metadata, so there is nothing to check, flush or cache.
+ */
+#include "config.h"
+
+#include <errno.h>
+
+#include "block/block.h"
+
+static int
+raw_probe(const uint8_t *buf, size_t len, const char *filename)
+{
+    (void)buf;
+    (void)len;
+    (void)filename;
+    return 1; /* anything can be raw: the last resort */
+}
+
+static bool
+raw_open(VdkNode *n, GError **error)
+{
+    (void)error;
+    n->size = n->file->size;
+    return true;
+}
+
+static bool
+raw_close(VdkNode *n, GError **error)
+{
+    (void)n;
+    (void)error;
+    return true;
+}
+
+static int
+raw_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r)
+{
+    (void)flags;
+    (void)r;
+    ext->kind = VDK_EXT_DATA;
+    ext->len = len;
+    ext->file = n->file;
+    ext->host_offset = offset;
+    return 0;
+}
+
+static int
+raw_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext)
+{
+    uint64_t pnum = 0;
+    int r = vdk_file_seek_status(n->file, offset, len, &pnum);
+    if (r < 0) {
+        return r;
+    }
+    ext->kind = r ? VDK_EXT_DATA : VDK_EXT_ZERO;
+    ext->host_valid = true;
+    ext->len = pnum;
+    ext->file = n->file;
+    ext->host_offset = offset;
+    return 0;
+}
+
+static int
+raw_discard(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len)
+{
+    vdk_req_file_discard(r, n->file, offset, len);
+    return 0;
+}
+
+static int
+raw_write_zeroes(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, unsigned flags)
+{
+    vdk_req_file_zero(r, n->file, offset, len, flags);
+    return 0;
+}
+
+static bool
+raw_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error)
+{
+    (void)shrink;
+    if (n->file->is_blockdev) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "raw: cannot resize a block device (it has %" G_GUINT64_FORMAT
+                    " bytes)", n->size);
+        return false;
+    }
+    if (prealloc == VDK_PREALLOC_METADATA) {
+        g_set_error(error, VDK_ERROR, EINVAL, "raw: unsupported preallocation mode 'metadata'");
+        return false;
+    }
+    if (!vdk_file_truncate(n->file, size, prealloc, error)) {
+        return false;
+    }
+    n->size = size;
+    return true;
+}
+
+static bool
+raw_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
+{
+    uint64_t size = 0;
+    bool present;
+    VdkPrealloc prealloc;
+    if (!vdk_create_opt_size(o, "size", &size, &present, error)) {
+        return false;
+    }
+    if (!present) {
+        g_set_error(error, VDK_ERROR, EINVAL, "Image creation needs a size parameter");
+        return false;
+    }
+    if (!vdk_create_opt_prealloc(o, &prealloc, error)) {
+        return false;
+    }
+    if (prealloc == VDK_PREALLOC_METADATA) {
+        g_set_error(error, VDK_ERROR, EINVAL, "raw: unsupported preallocation mode 'metadata'");
+        return false;
+    }
+    VdkFile *f = vdk_create_main_file(cc);
+    if (f->is_blockdev) {
+        if (size > f->size) {
+            g_set_error(error, VDK_ERROR, ENOSPC,
+                        "raw: the device is too small (%" G_GUINT64_FORMAT " bytes, %" G_GUINT64_FORMAT " asked)",
+                        f->size, size);
+            return false;
+        }
+        return true;
+    }
+    if (prealloc != VDK_PREALLOC_OFF && !vdk_create_check_space(cc, size, error)) {
+        return false;
+    }
+    return vdk_file_truncate(f, size, prealloc, error);
+}
+
+static const VdkOptionDesc raw_create_opts[] = {
+    {"size", VDK_OPT_SIZE, "Virtual disk size", NULL},
+    {"preallocation", VDK_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)", "off"},
+    {NULL, 0, NULL, NULL},
+};
+
+const VdkFormat vdk_format_raw = {
+    .name = "raw",
+    .probe = raw_probe,
+    .open = raw_open,
+    .close = raw_close,
+    .map = raw_map,
+    .block_status = raw_block_status,
+    .discard = raw_discard,
+    .write_zeroes = raw_write_zeroes,
+    .truncate = raw_truncate,
+    .create = raw_create,
+    .create_opts = raw_create_opts,
+};

@@ -1,0 +1,346 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * vdk.h - the public API of libvdk, the virtual disk kit.
+ *
+ * libvdk opens disk images (raw today; qcow2, vdi, vmdk as their drivers
+ * land) and moves data in and out of them through an asynchronous queue
+ * backed by io_uring, libaio or a thread pool.  It is meant to sit under a
+ * VMM's virtio-blk device, a storage daemon or a conversion tool.
+ *
+ * Threading model
+ *   - A VdkImage may be shared by several threads.  Control-path calls on one
+ *     image (resize, close, info getters) must not race with each other.
+ *   - A VdkQueue belongs to one thread at a time: every vdk_queue_* call for
+ *     a given queue must come from the same thread (or be externally
+ *     serialised).  Create one queue per thread / per virtqueue.
+ *   - The sync calls (vdk_image_pread() ...) run on a private queue owned by
+ *     the image and serialise with each other; they are convenience calls for
+ *     control paths and tools, not for a VMM's hot path.
+ *
+ * Errors
+ *   - Control-path calls take a GError ** last and return bool / pointer.
+ *     Errors are in the VDK_ERROR domain with a positive errno value as code;
+ *     messages start with the module ("raw: ...", "io_uring: ...").
+ *   - Data-path calls return 0 / -errno and never allocate per request for
+ *     the common case.
+ *
+ * Completion contract (the liburing / libblkio model)
+ *   - vdk_queue_readv() and friends only queue a request; nothing reaches
+ *     the kernel until vdk_queue_submit().  They return -EAGAIN when the
+ *     queue already holds `depth` requests that were not yet reaped.
+ *   - vdk_queue_get_fd() is an eventfd; it becomes readable when
+ *     vdk_queue_reap() may have something to do.  vdk_queue_reap() never
+ *     blocks, clears the fd before harvesting, and is the only place
+ *     completions appear (never from inside submit).
+ *   - Buffers stay owned by the caller until the request is reaped.  The
+ *     iovec array itself is copied at queue time and may be reused at once.
+ */
+#ifndef VDK_VDK_H
+#define VDK_VDK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include <glib.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define VDK_API __attribute__((visibility("default")))
+#else
+#define VDK_API
+#endif
+
+#define VDK_VERSION_MAJOR 0
+#define VDK_VERSION_MINOR 1
+#define VDK_VERSION_MICRO 0
+
+/** The library's version string, e.g. "0.1.0". */
+VDK_API const char *vdk_version(void);
+
+/** Error domain of every GError set by libvdk; codes are positive errno values. */
+#define VDK_ERROR (vdk_error_quark())
+VDK_API GQuark vdk_error_quark(void);
+
+typedef struct VdkImage VdkImage;
+typedef struct VdkQueue VdkQueue;
+typedef struct VdkOpenOptions VdkOpenOptions;
+typedef struct VdkCreateOptions VdkCreateOptions;
+
+/* ------------------------------------------------------------------------ */
+/* Open options                                                              */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * vdk_open_options_new: options for vdk_image_open(), all at their defaults:
+ * format probed, read-write, cache "writeback", engine "auto".
+ * Free with vdk_open_options_free().
+ */
+VDK_API VdkOpenOptions *vdk_open_options_new(void);
+VDK_API void vdk_open_options_free(VdkOpenOptions *opts);
+
+/**
+ * vdk_open_options_set_format: the image's format ("raw", ...), or NULL to
+ * probe.  Probing never picks raw for a writable open without restricting
+ * writes to the first sector (see vdk_image_open()).
+ */
+VDK_API void vdk_open_options_set_format(VdkOpenOptions *opts, const char *format);
+
+/** vdk_open_options_set_read_only: open without write access. */
+VDK_API void vdk_open_options_set_read_only(VdkOpenOptions *opts, bool read_only);
+
+/**
+ * vdk_open_options_set_cache: qemu's cache modes.
+ *   "writeback"    page cache; flush = fdatasync (the default)
+ *   "none"         O_DIRECT; flush = fdatasync
+ *   "writethrough" page cache; every write durable on completion
+ *   "directsync"   O_DIRECT and every write durable on completion
+ *   "unsafe"       page cache; flush does nothing
+ * Returns false with an error naming the value if it is not one of these.
+ */
+VDK_API bool vdk_open_options_set_cache(VdkOpenOptions *opts, const char *mode, GError **error);
+
+/**
+ * vdk_open_options_set_engine: "io_uring", "native" (libaio), "threads" or
+ * "auto" (io_uring when the kernel allows it, else threads).  An engine that
+ * was compiled out or is refused by the kernel makes vdk_image_open() fail
+ * when named explicitly; "auto" never fails for that reason.
+ */
+VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engine, GError **error);
+
+/**
+ * vdk_open_options_set: a driver or block-layer option by name, e.g.
+ * ("l2-cache-size", "4M").  Unknown keys make vdk_image_open() fail with an
+ * error that names them.
+ */
+VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
+
+/* ------------------------------------------------------------------------ */
+/* Images                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * vdk_image_open: open @filename.  With no format set the format is
+ * probed; if probing finds only raw and the open is writable, writes that
+ * would make sector 0 look like another format are refused with -EPERM
+ * (qemu's rule) and a warning is logged.  Returns NULL with @error set on
+ * failure.  Blocking; control path.
+ */
+VDK_API VdkImage *vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error);
+
+/**
+ * vdk_image_close: flush dirty metadata (not data: call vdk_image_flush()
+ * for durability), release every resource and free @img.  Every queue of
+ * the image must have been freed first.  Returns false with @error set if
+ * writing back metadata failed; @img is freed either way.  NULL is a no-op.
+ */
+VDK_API bool vdk_image_close(VdkImage *img, GError **error);
+
+/** The guest-visible size in bytes. */
+VDK_API uint64_t vdk_image_get_size(VdkImage *img);
+/** The format's name ("raw", ...). */
+VDK_API const char *vdk_image_get_format(VdkImage *img);
+/** The filename the image was opened with. */
+VDK_API const char *vdk_image_get_filename(VdkImage *img);
+/** The engine actually in use ("io_uring", "native" or "threads"). */
+VDK_API const char *vdk_image_get_engine(VdkImage *img);
+/** The cache mode in use ("writeback", "none", ...). */
+VDK_API const char *vdk_image_get_cache(VdkImage *img);
+VDK_API bool vdk_image_is_read_only(VdkImage *img);
+/** Bytes the image's files occupy on the host (st_blocks * 512 summed). */
+VDK_API uint64_t vdk_image_get_actual_size(VdkImage *img);
+/** Depth of the backing chain: 1 for an image without backing file. */
+VDK_API int vdk_image_get_chain_length(VdkImage *img);
+/** Filename of layer @depth (0 = the image itself), or NULL. */
+VDK_API const char *vdk_image_get_layer_filename(VdkImage *img, int depth);
+
+/** Request flags. */
+enum {
+    VDK_REQ_FUA = 1u << 0,         /* write: durable when it completes */
+    VDK_REQ_MAY_UNMAP = 1u << 1,   /* write_zeroes: may deallocate */
+    VDK_REQ_NO_FALLBACK = 1u << 2, /* write_zeroes: -ENOTSUP rather than writing zero buffers */
+};
+
+/** Block status flags, as in qemu-img map. */
+enum {
+    VDK_BS_DATA = 1u << 0,         /* reads may return non-zero data */
+    VDK_BS_ZERO = 1u << 1,         /* reads return zeroes */
+    VDK_BS_ALLOCATED = 1u << 2,    /* provided by the layer at `depth` (not a hole in the whole chain) */
+    VDK_BS_OFFSET_VALID = 1u << 3, /* host_offset is the offset in layer `depth`'s file */
+};
+
+typedef struct VdkBlockStatus {
+    uint64_t offset;      /* guest offset, equal to the request's offset */
+    uint64_t length;      /* bytes with the same status, >= 1 and <= the request's length */
+    uint32_t flags;       /* VDK_BS_* */
+    int32_t depth;        /* backing-chain layer that provides the data (0 = top) */
+    uint64_t host_offset; /* valid when VDK_BS_OFFSET_VALID */
+} VdkBlockStatus;
+
+/* ------------------------------------------------------------------------ */
+/* Asynchronous queues                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct VdkCompletion {
+    uint64_t user_data; /* as given when the request was queued */
+    int64_t result;     /* >= 0: success (bytes for read/write); < 0: -errno */
+} VdkCompletion;
+
+/**
+ * vdk_queue_new: a queue on @img holding up to @depth requests (1..4096;
+ * 0 picks 128).  Each queue owns its own engine context (an io_uring ring,
+ * an aio context or a worker pool) and eventfd.
+ */
+VDK_API VdkQueue *vdk_queue_new(VdkImage *img, unsigned depth, GError **error);
+
+/**
+ * vdk_queue_free: wait for every request in flight (blocking) and free the
+ * queue.  Completions not yet reaped are discarded.
+ */
+VDK_API void vdk_queue_free(VdkQueue *q);
+
+/**
+ * vdk_queue_get_fd: the queue's eventfd, for epoll/poll (POLLIN).  From the
+ * first call on, every completion signals it; a queue driven only through
+ * vdk_queue_wait() / vdk_queue_submit_and_wait() never needs it and sleeps
+ * in the engine instead (one system call per batch with io_uring).
+ */
+VDK_API int vdk_queue_get_fd(VdkQueue *q);
+
+/**
+ * Queue a request.  Offsets and lengths are byte-granular; O_DIRECT
+ * alignment is handled internally.  Return 0, -EAGAIN (queue full: reap
+ * first), -EINVAL (bad arguments), -EROFS (read-only image) or -ENOSPC
+ * (request past the end of the image).  Nothing is sent before
+ * vdk_queue_submit().
+ */
+VDK_API int vdk_queue_readv(VdkQueue *q, uint64_t offset, const struct iovec *iov, int iovcnt,
+                            uint64_t user_data);
+VDK_API int vdk_queue_writev(VdkQueue *q, uint64_t offset, const struct iovec *iov, int iovcnt,
+                             unsigned flags, uint64_t user_data);
+VDK_API int vdk_queue_read(VdkQueue *q, uint64_t offset, void *buf, size_t len, uint64_t user_data);
+VDK_API int vdk_queue_write(VdkQueue *q, uint64_t offset, const void *buf, size_t len, unsigned flags,
+                            uint64_t user_data);
+/** Flush: every write completed before it is queued is durable when it completes. */
+VDK_API int vdk_queue_flush(VdkQueue *q, uint64_t user_data);
+/** Discard: the range's content becomes unspecified (zero for raw files). */
+VDK_API int vdk_queue_discard(VdkQueue *q, uint64_t offset, uint64_t length, uint64_t user_data);
+/** Write zeroes: the range reads as zeroes afterwards. Flags: VDK_REQ_MAY_UNMAP, VDK_REQ_NO_FALLBACK, VDK_REQ_FUA. */
+VDK_API int vdk_queue_write_zeroes(VdkQueue *q, uint64_t offset, uint64_t length, unsigned flags,
+                                   uint64_t user_data);
+/**
+ * Block status: fills *@out (owned by the caller until reaped) for the
+ * longest prefix of [offset, offset+length) with one status.
+ */
+VDK_API int vdk_queue_block_status(VdkQueue *q, uint64_t offset, uint64_t length, VdkBlockStatus *out,
+                                   uint64_t user_data);
+
+/**
+ * vdk_queue_submit: start every request queued since the last submit, in
+ * one batch per engine.  Returns the number of requests started or -errno.
+ * Never calls back and never completes requests.
+ */
+VDK_API int vdk_queue_submit(VdkQueue *q);
+
+/**
+ * vdk_queue_reap: harvest up to @max completions into @out without
+ * blocking.  Clears the eventfd first, so an fd that becomes readable again
+ * later always means new work.  Returns the number harvested (0..max).
+ */
+VDK_API int vdk_queue_reap(VdkQueue *q, VdkCompletion *out, unsigned max);
+
+/**
+ * vdk_queue_wait: block until at least @min completions are ready to reap
+ * or @timeout_ms passes (-1: forever); a convenience for callers without an
+ * event loop.  Returns the number harvested into @out (like reap), 0 on
+ * timeout, or -errno.
+ */
+VDK_API int vdk_queue_wait(VdkQueue *q, VdkCompletion *out, unsigned max, unsigned min, int timeout_ms);
+
+/**
+ * vdk_queue_submit_and_wait: vdk_queue_submit() then vdk_queue_wait(), in
+ * one system call where the engine allows it (io_uring, fd not exposed).
+ */
+VDK_API int vdk_queue_submit_and_wait(VdkQueue *q, VdkCompletion *out, unsigned max, unsigned min,
+                                      int timeout_ms);
+
+/** Requests queued or in flight and not yet reaped. */
+VDK_API unsigned vdk_queue_pending(VdkQueue *q);
+
+/* ------------------------------------------------------------------------ */
+/* Synchronous calls (a private queue: submit + poll loop)                   */
+/* ------------------------------------------------------------------------ */
+
+/** Read/write exactly @len bytes. Return 0 or -errno. */
+VDK_API int vdk_image_pread(VdkImage *img, void *buf, size_t len, uint64_t offset);
+VDK_API int vdk_image_pwrite(VdkImage *img, const void *buf, size_t len, uint64_t offset, unsigned flags);
+VDK_API int vdk_image_flush(VdkImage *img);
+VDK_API int vdk_image_discard(VdkImage *img, uint64_t offset, uint64_t length);
+VDK_API int vdk_image_write_zeroes(VdkImage *img, uint64_t offset, uint64_t length, unsigned flags);
+VDK_API int vdk_image_block_status(VdkImage *img, uint64_t offset, uint64_t length, VdkBlockStatus *out);
+
+/** Preallocation modes for create and resize. */
+typedef enum {
+    VDK_PREALLOC_OFF = 0, /* sparse (truncate) */
+    VDK_PREALLOC_METADATA,
+    VDK_PREALLOC_FALLOC, /* posix_fallocate: space reserved, reads as zero */
+    VDK_PREALLOC_FULL,   /* zeroes written */
+} VdkPrealloc;
+
+/**
+ * vdk_image_resize: change the guest-visible size.  Shrinking requires
+ * @shrink (it discards data past the new end).  @prealloc applies to the
+ * grown part.  Blocking; no queue of the image may have requests in flight.
+ */
+VDK_API bool vdk_image_resize(VdkImage *img, uint64_t size, bool shrink, VdkPrealloc prealloc,
+                              GError **error);
+
+/* ------------------------------------------------------------------------ */
+/* Creating images                                                           */
+/* ------------------------------------------------------------------------ */
+
+/** Options for vdk_image_create(): @format is "raw", ... */
+VDK_API VdkCreateOptions *vdk_create_options_new(const char *format, GError **error);
+VDK_API void vdk_create_options_free(VdkCreateOptions *opts);
+/**
+ * vdk_create_options_set: a format option as in qemu-img's -o ("size",
+ * "preallocation", ...).  Fails with an error naming the key if the format
+ * has no such option or the value does not parse.
+ */
+VDK_API bool vdk_create_options_set(VdkCreateOptions *opts, const char *key, const char *value,
+                                    GError **error);
+/** Overwrite an existing regular file (default: refuse with EEXIST). */
+VDK_API void vdk_create_options_set_overwrite(VdkCreateOptions *opts, bool overwrite);
+
+/**
+ * vdk_image_create: create @filename.  The image is built under a
+ * temporary name in the same directory and renamed into place only when it
+ * is complete, so a failed or interrupted create never leaves a half-made
+ * file under @filename.  Preallocation "falloc" and "full" first check the
+ * free space and fail with an error naming the bytes needed and available.
+ * Existing block devices are written in place (no rename) and must be large
+ * enough.
+ */
+VDK_API bool vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error);
+
+/* ------------------------------------------------------------------------ */
+/* Utilities                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * vdk_parse_size: qemu-img's size syntax ("10G", "512", "1.5M", suffixes
+ * k K M G T P E, 1024-based; a trailing 'b'/'B' is accepted).  Returns false
+ * with an error on garbage, negative values or overflow.
+ */
+VDK_API bool vdk_parse_size(const char *str, uint64_t *out, GError **error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VDK_VDK_H */

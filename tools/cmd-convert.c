@@ -1,0 +1,339 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * cmd-convert.c - vdk convert: qemu-img convert's flags.  Differences from
+ * qemu-img, on purpose: out-of-order writes are the default (--in-order to
+ * turn them off), the target is flushed when the copy finishes unless
+ * `-t unsafe` is given (qemu-img's default target cache is unsafe), and a
+ * target this command created is removed again if the conversion fails.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "tools/tool.h"
+
+static const char convert_help[] =
+    "usage: vdk convert [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-p] [--progress=bar|json] [-n]\n"
+    "                   [--target-is-zero] [-S SPARSE_SIZE] [-m REQUESTS] [-W | --in-order]\n"
+    "                   [-t CACHE] [-T SRC_CACHE] [--aio=ENGINE] [-r RATE] [-q] [-U]\n"
+    "                   FILENAME [FILENAME2 ...] OUTPUT_FILENAME\n"
+    "\n"
+    "Copy the guest-visible content of one or more images (concatenated) into a new\n"
+    "image OUTPUT_FILENAME.  Only allocated data is read; holes and zero runs of at\n"
+    "least SPARSE_SIZE bytes (default 4k; 0 = write everything) stay holes.\n"
+    "\n"
+    "  -f FMT          source format (default: probed)\n"
+    "  -O FMT          target format (default raw)\n"
+    "  -o OPTIONS      target creation options (see vdk create -o help)\n"
+    "  -n              do not create the target; write into an existing image\n"
+    "  --target-is-zero  with -n: the target already reads as zeroes\n"
+    "  -m N            requests in flight (default 16)\n"
+    "  -W              out-of-order writes (the default); --in-order to disable\n"
+    "  -t CACHE        target cache mode (default writeback, flushed at the end;\n"
+    "                  'unsafe' skips the final flush like qemu-img's default)\n"
+    "  -T CACHE        source cache mode (default writeback)\n"
+    "  --aio=ENGINE    io_uring, native, threads or auto\n"
+    "  -r RATE         limit to RATE bytes per second (suffixes allowed)\n"
+    "  -p              progress bar; --progress=json for one JSON object per line\n";
+
+static volatile sig_atomic_t interrupted;
+
+static void
+on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static bool
+convert_progress(void *opaque, uint64_t done, uint64_t total)
+{
+    Progress *p = opaque;
+    (void)total;
+    progress_update(p, done);
+    return !interrupted;
+}
+
+int
+cmd_convert(int argc, char **argv)
+{
+    enum { OPT_TARGET_ZERO = 256, OPT_PROGRESS, OPT_IN_ORDER, OPT_AIO, OPT_CHUNK };
+    static const struct option longopts[] = {
+        {"help", no_argument, NULL, 'h'},
+        {"target-is-zero", no_argument, NULL, OPT_TARGET_ZERO},
+        {"progress", optional_argument, NULL, OPT_PROGRESS},
+        {"in-order", no_argument, NULL, OPT_IN_ORDER},
+        {"aio", required_argument, NULL, OPT_AIO},
+        {"chunk-size", required_argument, NULL, OPT_CHUNK},
+        {"force-share", no_argument, NULL, 'U'},
+        {"image-opts", no_argument, NULL, 'I'},
+        {"target-image-opts", no_argument, NULL, 'I'},
+        {"object", required_argument, NULL, 'j'},
+        {"salvage", no_argument, NULL, 'j'},
+        {"bitmaps", no_argument, NULL, 'j'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *src_fmt = NULL;
+    const char *out_fmt = "raw";
+    const char *cache = "writeback";
+    const char *src_cache = "writeback";
+    const char *aio = NULL;
+    const char *backing = NULL;
+    bool no_create = false;
+    bool target_zero_flag = false;
+    bool compress = false;
+    bool quiet = tool_quiet;
+    ProgressMode pmode = PROGRESS_NONE;
+    uint64_t sparse = 4096;
+    uint64_t inflight = 0;
+    uint64_t rate = 0;
+    uint64_t chunk = 0;
+    bool in_order = false;
+    GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
+    int ret = 1;
+    int c;
+
+    while ((c = getopt_long(argc, argv, "hf:O:o:pnS:m:Wt:T:qcB:F:r:Ul:C", longopts, NULL)) != -1) {
+        switch (c) {
+        case 'h':
+            tool_usage(stdout, convert_help);
+            ret = 0;
+            goto out_args;
+        case 'f':
+            src_fmt = optarg;
+            break;
+        case 'O':
+            out_fmt = optarg;
+            break;
+        case 'o': {
+            GError *err = NULL;
+            if (!tool_parse_kv(optarg, kv, &err)) {
+                tool_gerror(NULL, err);
+                goto out_args;
+            }
+            break;
+        }
+        case 'p':
+            pmode = PROGRESS_BAR;
+            break;
+        case OPT_PROGRESS:
+            if (!tool_parse_progress(optarg, &pmode)) {
+                tool_error(NULL, "invalid --progress value '%s' (expected bar, json or none)", optarg);
+                goto out_args;
+            }
+            break;
+        case 'n':
+            no_create = true;
+            break;
+        case OPT_TARGET_ZERO:
+            target_zero_flag = true;
+            break;
+        case 'S':
+            if (!vdk_parse_size(optarg, &sparse, NULL) || sparse % 512 != 0 || sparse > (16u << 20)) {
+                tool_error(NULL, "Invalid buffer size for sparse output specified. Valid sizes are multiples "
+                                 "of 512 up to 16M.");
+                goto out_args;
+            }
+            break;
+        case 'm':
+            if (!tool_parse_uint(optarg, 1024, &inflight) || inflight < 1) {
+                tool_error(NULL, "Invalid number of requests in flight (-m): '%s' (1 to 1024)", optarg);
+                goto out_args;
+            }
+            break;
+        case 'W':
+            in_order = false;
+            break;
+        case OPT_IN_ORDER:
+            in_order = true;
+            break;
+        case 't':
+            cache = optarg;
+            break;
+        case 'T':
+            src_cache = optarg;
+            break;
+        case OPT_AIO:
+            aio = optarg;
+            break;
+        case OPT_CHUNK:
+            if (!vdk_parse_size(optarg, &chunk, NULL) || chunk < 4096 || chunk > (64u << 20) || chunk % 4096) {
+                tool_error(NULL, "invalid --chunk-size '%s' (4k to 64M, a multiple of 4k)", optarg);
+                goto out_args;
+            }
+            break;
+        case 'q':
+            quiet = true;
+            break;
+        case 'c':
+            compress = true;
+            break;
+        case 'B':
+            backing = optarg;
+            break;
+        case 'F':
+            break;
+        case 'r':
+            if (!vdk_parse_size(optarg, &rate, NULL) || rate == 0) {
+                tool_error(NULL, "Invalid rate limit specified: '%s'", optarg);
+                goto out_args;
+            }
+            break;
+        case 'U':
+            break;
+        case 'l':
+            tool_error(NULL, "-l (snapshots) is not supported by the formats in this build");
+            goto out_args;
+        case 'C':
+            tool_error(NULL, "-C (copy offloading) is not supported yet");
+            goto out_args;
+        case 'I':
+        case 'j':
+            tool_error(NULL, "--image-opts, --object, --salvage and --bitmaps are not supported yet");
+            goto out_args;
+        default:
+            tool_usage(stderr, convert_help);
+            goto out_args;
+        }
+    }
+    if (quiet) {
+        pmode = PROGRESS_NONE;
+    }
+    if (argc - optind < 2) {
+        tool_error(NULL, "Must specify image file name");
+        goto out_args;
+    }
+    if (target_zero_flag && !no_create) {
+        tool_error(NULL, "--target-is-zero requires use of -n flag");
+        goto out_args;
+    }
+    if (compress) {
+        tool_error(NULL, "Compression not supported for this file format");
+        goto out_args;
+    }
+    if (chunk && sparse > chunk) {
+        chunk = vdk_align_up(sparse, 4096);
+    }
+
+    int nsrc = argc - optind - 1;
+    const char *dst_name = argv[argc - 1];
+    VdkImage **src = g_new0(VdkImage *, (gsize)nsrc);
+    VdkImage *dst = NULL;
+    bool created = false;
+    GError *err = NULL;
+    uint64_t total = 0;
+
+    ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio};
+    for (int i = 0; i < nsrc; i++) {
+        src[i] = tool_open(argv[optind + i], &so, &err);
+        if (!src[i]) {
+            tool_gerror(argv[optind + i], err);
+            goto out;
+        }
+        total += vdk_image_get_size(src[i]);
+    }
+
+    if (!no_create) {
+        VdkCreateOptions *o = vdk_create_options_new(out_fmt, &err);
+        if (!o) {
+            tool_gerror(dst_name, err);
+            goto out;
+        }
+        bool ok = true;
+        for (guint i = 0; ok && i + 1 < kv->len; i += 2) {
+            if (!strcmp(kv->pdata[i], "help")) {
+                tool_print_create_help(o->drv);
+                vdk_create_options_free(o);
+                ret = 0;
+                goto out;
+            }
+            ok = vdk_create_options_set(o, kv->pdata[i], kv->pdata[i + 1], &err);
+        }
+        if (ok && !vdk_create_opt(o, "size")) {
+            char *s = g_strdup_printf("%" G_GUINT64_FORMAT, total);
+            ok = vdk_create_options_set(o, "size", s, &err);
+            g_free(s);
+        }
+        if (ok && backing) {
+            ok = vdk_create_options_set(o, "backing_file", backing, &err);
+        }
+        /* Like qemu-img, convert replaces an existing target. */
+        vdk_create_options_set_overwrite(o, true);
+        if (ok) {
+            ok = vdk_image_create(dst_name, o, &err);
+        }
+        vdk_create_options_free(o);
+        if (!ok) {
+            tool_gerror(dst_name, err);
+            goto out;
+        }
+        struct stat st;
+        created = stat(dst_name, &st) == 0 && S_ISREG(st.st_mode);
+    }
+
+    ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio};
+    dst = tool_open(dst_name, &to, &err);
+    if (!dst) {
+        tool_gerror(dst_name, err);
+        goto out;
+    }
+
+    struct sigaction sa, old_int, old_term;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+
+    Progress prog;
+    progress_init(&prog, pmode, total);
+    VdkCopyParams params = {
+        .src = src,
+        .nsrc = nsrc,
+        .dst = dst,
+        .sparse_size = sparse,
+        .max_inflight = (unsigned)inflight,
+        .chunk = chunk,
+        .in_order = in_order,
+        .target_is_zero = created || target_zero_flag,
+        .rate_limit = rate,
+        .flush = strcmp(cache, "unsafe") != 0,
+        .progress = convert_progress,
+        .opaque = &prog,
+    };
+    if (!vdk_copy(&params, &err)) {
+        tool_gerror(dst_name, err);
+        goto out_sig;
+    }
+    progress_finish(&prog);
+    if (!vdk_image_close(dst, &err)) {
+        dst = NULL;
+        tool_gerror(dst_name, err);
+        goto out_sig;
+    }
+    dst = NULL;
+    created = false;
+    ret = 0;
+out_sig:
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+out:
+    if (dst) {
+        vdk_image_close(dst, NULL);
+    }
+    if (ret != 0 && created) {
+        /* Do not leave a half-converted image under the target's name. */
+        unlink(dst_name);
+    }
+    for (int i = 0; i < nsrc; i++) {
+        vdk_image_close(src[i], NULL);
+    }
+    g_free(src);
+out_args:
+    g_ptr_array_unref(kv);
+    return ret;
+}

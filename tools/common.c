@@ -1,0 +1,491 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * common.c - helpers shared by the vdk subcommands: error reporting,
+ * logging, opening images from command-line options, qemu-style option
+ * strings, JSON output in qemu's layout, progress reporting.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tools/tool.h"
+
+bool tool_verbose;
+bool tool_quiet;
+
+void
+tool_error(const char *file, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *msg = g_strdup_vprintf(fmt, ap);
+    va_end(ap);
+    if (file) {
+        fprintf(stderr, "vdk: %s: %s\n", file, msg);
+    } else {
+        fprintf(stderr, "vdk: %s\n", msg);
+    }
+    g_free(msg);
+}
+
+void
+tool_gerror(const char *file, GError *err)
+{
+    tool_error(file, "%s", err ? err->message : "unknown error");
+    if (err) {
+        g_error_free(err);
+    }
+}
+
+static void
+log_handler(const gchar *domain, GLogLevelFlags level, const gchar *message, gpointer data)
+{
+    (void)domain;
+    (void)data;
+    if (level & (G_LOG_LEVEL_DEBUG | G_LOG_LEVEL_INFO)) {
+        if (tool_verbose) {
+            fprintf(stderr, "vdk: %s\n", message);
+        }
+        return;
+    }
+    if (level & G_LOG_LEVEL_MESSAGE) {
+        if (!tool_quiet) {
+            fprintf(stderr, "vdk: %s\n", message);
+        }
+        return;
+    }
+    fprintf(stderr, "vdk: warning: %s\n", message);
+}
+
+void
+tool_setup_logging(void)
+{
+    g_log_set_handler("vdk", G_LOG_LEVEL_MASK | G_LOG_FLAG_FATAL | G_LOG_FLAG_RECURSION, log_handler, NULL);
+}
+
+VdkImage *
+tool_open(const char *filename, const ToolOpen *o, GError **error)
+{
+    VdkOpenOptions *opts = vdk_open_options_new();
+    if (o->format) {
+        vdk_open_options_set_format(opts, o->format);
+    }
+    vdk_open_options_set_read_only(opts, o->read_only);
+    if (o->cache && !vdk_open_options_set_cache(opts, o->cache, error)) {
+        vdk_open_options_free(opts);
+        return NULL;
+    }
+    if (o->aio && !vdk_open_options_set_engine(opts, o->aio, error)) {
+        vdk_open_options_free(opts);
+        return NULL;
+    }
+    if (o->opts) {
+        for (guint i = 0; i + 1 < o->opts->len; i += 2) {
+            vdk_open_options_set(opts, o->opts->pdata[i], o->opts->pdata[i + 1]);
+        }
+    }
+    VdkImage *img = vdk_image_open(filename, opts, error);
+    vdk_open_options_free(opts);
+    if (img && tool_verbose) {
+        fprintf(stderr, "vdk: %s: format %s, aio %s, cache %s\n", filename, vdk_image_get_format(img),
+                vdk_image_get_engine(img), vdk_image_get_cache(img));
+    }
+    return img;
+}
+
+bool
+tool_parse_kv(const char *s, GPtrArray *kv, GError **error)
+{
+    const char *p = s;
+    while (*p) {
+        GString *key = g_string_new(NULL);
+        GString *val = NULL;
+        GString *cur = key;
+        for (;;) {
+            if (*p == '\0') {
+                break;
+            }
+            if (*p == ',') {
+                if (p[1] == ',') {
+                    g_string_append_c(cur, ',');
+                    p += 2;
+                    continue;
+                }
+                p++;
+                break;
+            }
+            if (*p == '=' && cur == key) {
+                val = g_string_new(NULL);
+                cur = val;
+                p++;
+                continue;
+            }
+            g_string_append_c(cur, *p);
+            p++;
+        }
+        if (key->len == 0) {
+            g_string_free(key, TRUE);
+            if (val) {
+                g_string_free(val, TRUE);
+            }
+            g_set_error(error, VDK_ERROR, EINVAL, "invalid option string '%s'", s);
+            return false;
+        }
+        if (!val) {
+            if (strcmp(key->str, "help") == 0 || strcmp(key->str, "?") == 0) {
+                g_ptr_array_add(kv, g_string_free(key, FALSE));
+                g_ptr_array_add(kv, g_strdup(""));
+                continue;
+            }
+            g_set_error(error, VDK_ERROR, EINVAL, "option '%s' needs a value (%s=VALUE)", key->str, key->str);
+            g_string_free(key, TRUE);
+            return false;
+        }
+        g_ptr_array_add(kv, g_string_free(key, FALSE));
+        g_ptr_array_add(kv, g_string_free(val, FALSE));
+    }
+    return true;
+}
+
+bool
+tool_parse_size_arg(const char *s, uint64_t *out)
+{
+    GError *err = NULL;
+    if (!vdk_parse_size(s, out, &err)) {
+        tool_error(NULL, "invalid image size '%s': %s (you may use k, M, G, T, P or E suffixes)", s,
+                   err->message);
+        g_error_free(err);
+        return false;
+    }
+    return true;
+}
+
+bool
+tool_parse_uint(const char *s, uint64_t max, uint64_t *out)
+{
+    if (!s || !*s || *s == '-') {
+        return false;
+    }
+    char *end = NULL;
+    errno = 0;
+    guint64 v = g_ascii_strtoull(s, &end, 0);
+    if (errno || *end || v > max) {
+        return false;
+    }
+    *out = v;
+    return true;
+}
+
+void
+tool_print_create_help(const VdkFormat *drv)
+{
+    printf("Supported %s options:\n", drv->name);
+    for (const VdkOptionDesc *d = drv->create_opts; d && d->name; d++) {
+        const char *type = d->type == VDK_OPT_SIZE ? "size"
+                           : d->type == VDK_OPT_BOOL ? "bool (on/off)"
+                           : d->type == VDK_OPT_NUMBER ? "num"
+                                                       : "str";
+        char *lhs = g_strdup_printf("%s=<%s>", d->name, type);
+        printf("  %-22s - %s", lhs, d->help);
+        if (d->def) {
+            printf(" (default: %s)", d->def);
+        }
+        printf("\n");
+        g_free(lhs);
+    }
+}
+
+void
+tool_usage(FILE *out, const char *text)
+{
+    fputs(text, out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* JSON                                                                      */
+/* ------------------------------------------------------------------------ */
+
+void
+json_escape(GString *out, const char *s)
+{
+    g_string_append_c(out, '"');
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        switch (*p) {
+        case '"': g_string_append(out, "\\\""); break;
+        case '\\': g_string_append(out, "\\\\"); break;
+        case '\n': g_string_append(out, "\\n"); break;
+        case '\r': g_string_append(out, "\\r"); break;
+        case '\t': g_string_append(out, "\\t"); break;
+        case '\b': g_string_append(out, "\\b"); break;
+        case '\f': g_string_append(out, "\\f"); break;
+        default:
+            if (*p < 0x20 || *p == 0x7f) {
+                g_string_append_printf(out, "\\u%04x", *p);
+            } else {
+                g_string_append_c(out, (char)*p);
+            }
+        }
+    }
+    g_string_append_c(out, '"');
+}
+
+void
+json_init(Json *j, bool pretty)
+{
+    memset(j, 0, sizeof(*j));
+    j->s = g_string_new(NULL);
+    j->pretty = pretty;
+    j->first[0] = true;
+}
+
+static void
+json_indent(Json *j)
+{
+    if (!j->pretty) {
+        return;
+    }
+    g_string_append_c(j->s, '\n');
+    for (int i = 0; i < j->depth; i++) {
+        g_string_append(j->s, "    ");
+    }
+}
+
+static void
+json_key(Json *j, const char *key)
+{
+    if (j->depth > 0) {
+        if (!j->first[j->depth]) {
+            g_string_append_c(j->s, ',');
+            if (!j->pretty) {
+                g_string_append_c(j->s, ' ');
+            }
+        }
+        j->first[j->depth] = false;
+        json_indent(j);
+    }
+    if (key) {
+        json_escape(j->s, key);
+        g_string_append(j->s, ": ");
+    }
+}
+
+static void
+json_open(Json *j, const char *key, char c)
+{
+    json_key(j, key);
+    g_string_append_c(j->s, c);
+    g_assert(j->depth + 1 < (int)G_N_ELEMENTS(j->first));
+    j->depth++;
+    j->first[j->depth] = true;
+}
+
+static void
+json_close(Json *j, char c)
+{
+    bool empty = j->first[j->depth];
+    j->depth--;
+    if (!empty) {
+        json_indent(j);
+    }
+    g_string_append_c(j->s, c);
+}
+
+void
+json_begin_object(Json *j, const char *key)
+{
+    json_open(j, key, '{');
+}
+
+void
+json_end_object(Json *j)
+{
+    json_close(j, '}');
+}
+
+void
+json_begin_array(Json *j, const char *key)
+{
+    json_open(j, key, '[');
+}
+
+void
+json_end_array(Json *j)
+{
+    json_close(j, ']');
+}
+
+void
+json_str(Json *j, const char *key, const char *val)
+{
+    json_key(j, key);
+    json_escape(j->s, val);
+}
+
+void
+json_int(Json *j, const char *key, int64_t val)
+{
+    json_key(j, key);
+    g_string_append_printf(j->s, "%" PRId64, val);
+}
+
+void
+json_uint(Json *j, const char *key, uint64_t val)
+{
+    json_key(j, key);
+    g_string_append_printf(j->s, "%" PRIu64, val);
+}
+
+void
+json_double(Json *j, const char *key, double val)
+{
+    json_key(j, key);
+    char buf[G_ASCII_DTOSTR_BUF_SIZE];
+    g_ascii_formatd(buf, sizeof(buf), "%.6g", val);
+    g_string_append(j->s, buf);
+}
+
+void
+json_bool(Json *j, const char *key, bool val)
+{
+    json_key(j, key);
+    g_string_append(j->s, val ? "true" : "false");
+}
+
+void
+json_raw(Json *j, const char *key, const char *text)
+{
+    json_key(j, key);
+    g_string_append(j->s, text);
+}
+
+char *
+json_finish(Json *j)
+{
+    return g_string_free(j->s, FALSE);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Progress                                                                  */
+/* ------------------------------------------------------------------------ */
+
+static int64_t
+mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+bool
+tool_parse_progress(const char *s, ProgressMode *out)
+{
+    if (!s || !strcmp(s, "bar") || !strcmp(s, "human")) {
+        *out = PROGRESS_BAR;
+    } else if (!strcmp(s, "json")) {
+        *out = PROGRESS_JSON;
+    } else if (!strcmp(s, "none") || !strcmp(s, "off")) {
+        *out = PROGRESS_NONE;
+    } else {
+        return false;
+    }
+    return true;
+}
+
+void
+progress_init(Progress *p, ProgressMode mode, uint64_t total)
+{
+    memset(p, 0, sizeof(*p));
+    p->mode = mode;
+    p->total = total;
+    p->start_us = mono_us();
+    p->last_pct = -1;
+    p->out = mode == PROGRESS_JSON ? stdout : stderr;
+    if (mode == PROGRESS_BAR) {
+        /* qemu-img prints its progress on stdout; a bar only makes sense on
+         * a terminal, so elsewhere print the final line only. */
+        p->out = stdout;
+    }
+}
+
+static void
+progress_print(Progress *p, bool final)
+{
+    int64_t now = mono_us();
+    double pct = p->total ? (double)p->done * 100.0 / (double)p->total : 100.0;
+    if (p->mode == PROGRESS_BAR) {
+        if (!final && !isatty(fileno(p->out))) {
+            return;
+        }
+        fprintf(p->out, "    (%.2f/100%%)\r", pct);
+        if (final) {
+            fputc('\n', p->out);
+        }
+        fflush(p->out);
+    } else if (p->mode == PROGRESS_JSON) {
+        double secs = (double)(now - p->start_us) / 1e6;
+        double rate = secs > 0 ? (double)p->done / secs : 0;
+        fprintf(p->out,
+                "{\"type\": \"progress\", \"done\": %" PRIu64 ", \"total\": %" PRIu64
+                ", \"percent\": %.2f, \"bytes_per_second\": %.0f, \"elapsed\": %.3f%s}\n",
+                p->done, p->total, pct, rate, secs, final ? ", \"finished\": true" : "");
+        fflush(p->out);
+    }
+    p->last_us = now;
+    p->last_pct = pct;
+}
+
+void
+progress_update(Progress *p, uint64_t done)
+{
+    if (p->mode == PROGRESS_NONE) {
+        return;
+    }
+    p->done = done;
+    int64_t now = mono_us();
+    double pct = p->total ? (double)done * 100.0 / (double)p->total : 100.0;
+    /* At most 10 updates a second, and only when something visible changed. */
+    if (now - p->last_us < 100000 || pct - p->last_pct < 0.01) {
+        return;
+    }
+    progress_print(p, false);
+}
+
+void
+progress_finish(Progress *p)
+{
+    if (p->mode == PROGRESS_NONE) {
+        return;
+    }
+    p->done = p->total;
+    progress_print(p, true);
+}
+
+char *
+tool_cvtstr(double value)
+{
+    static const char *const units[] = {"EiB", "PiB", "TiB", "GiB", "MiB", "KiB"};
+    static const double sizes[] = {1152921504606846976.0, 1125899906842624.0, 1099511627776.0, 1073741824.0,
+                                   1048576.0, 1024.0};
+    char *s = NULL;
+    for (size_t i = 0; i < G_N_ELEMENTS(units); i++) {
+        if (value >= sizes[i]) {
+            s = g_strdup_printf("%.3f %s", value / sizes[i], units[i]);
+            break;
+        }
+    }
+    if (!s) {
+        s = g_strdup_printf("%.3f bytes", value);
+    }
+    /* "1.000 MiB" -> "1 MiB" */
+    char *dot = strstr(s, ".000 ");
+    if (dot) {
+        memmove(dot, dot + 4, strlen(dot + 4) + 1);
+    }
+    return s;
+}
