@@ -80,6 +80,7 @@ struct VdkFile {
     gint zero_range_state;  /* 0 unknown, 1 works, -1 unsupported */
     gint punch_hole_state;
     uint64_t size;          /* current length (tracked across writes) */
+    int flush_error;        /* a failed fdatasync: every later flush fails too */
     /* In-flight writes on direct files, for read-modify-write serialisation. */
     GMutex lock;
     VdkChild *tracked;
@@ -311,6 +312,7 @@ typedef enum {
     VDK_CHILD_RMW_READ,     /* read head/tail blocks for an unaligned write */
     VDK_CHILD_RMW_WRITE,    /* write the merged bounce */
     VDK_CHILD_ZERO,         /* write_zeroes fallback chain */
+    VDK_CHILD_FLUSH,        /* fdatasync; a failure sticks to the file */
 } VdkChildKind;
 
 struct VdkChild {
@@ -366,6 +368,7 @@ struct VdkQueue {
     VdkCompletion *cq;      /* ring of depth */
     unsigned cq_head, cq_count;
     VdkIoReq *backlog_head, **backlog_tail; /* refused by a full engine batch */
+    VdkIoReq *deferred;     /* complete on the next reap (complete_later) */
     unsigned engine_inflight;
     VdkChild *free_children;
     unsigned nchildren;
@@ -382,6 +385,8 @@ void vdk_request_start(VdkRequest *r);
 
 /* Hand an engine operation to the queue's engine (or its backlog). */
 void vdk_queue_engine_op(VdkQueue *q, VdkIoReq *io);
+/* Complete @io (io->result already set) on the next reap, without I/O. */
+void vdk_queue_complete_later(VdkQueue *q, VdkIoReq *io);
 /* Run the queue until @r-like conditions hold: used by the sync API. */
 int vdk_queue_run_until_idle(VdkQueue *q);
 

@@ -845,6 +845,14 @@ child_io_done(VdkIoReq *io)
         }
         child_finish(c, err);
         return;
+    case VDK_CHILD_FLUSH:
+        if (err) {
+            int expected = 0;
+            __atomic_compare_exchange_n(&f->flush_error, &expected, err, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE);
+        }
+        child_finish(c, err);
+        return;
     case VDK_CHILD_BOUNCE_READ:
         if (!err) {
             buf_to_iov((char *)c->bounce + (c->offset - c->a_start), c->uiov, c->uiovcnt, c->len);
@@ -1055,9 +1063,18 @@ vdk_req_file_flush(VdkRequest *r, VdkFile *f)
         return;
     }
     VdkChild *c = child_get(r, f);
-    c->kind = VDK_CHILD_PLAIN;
+    c->kind = VDK_CHILD_FLUSH;
     c->io.op = VDK_IO_FDATASYNC;
     c->io.fd = f->fd;
+    int sticky = __atomic_load_n(&f->flush_error, __ATOMIC_ACQUIRE);
+    if (sticky) {
+        /* After a failed fdatasync the kernel may have dropped the dirty
+         * pages and a later fdatasync can succeed without them: a failed
+         * flush stays failed. */
+        c->io.result = sticky;
+        vdk_queue_complete_later(r->q, &c->io);
+        return;
+    }
     child_queue_io(c);
 }
 

@@ -64,7 +64,7 @@ bool
 vdk_open_options_set_engine(VdkOpenOptions *o, const char *engine, GError **error)
 {
     if (strcmp(engine, "auto") != 0 && strcmp(engine, "io_uring") != 0 && strcmp(engine, "native") != 0 &&
-        strcmp(engine, "threads") != 0) {
+        strcmp(engine, "threads") != 0 && strcmp(engine, "fault") != 0) {
         g_set_error(error, VDK_ERROR, EINVAL,
                     "invalid aio engine '%s' (expected io_uring, native, threads or auto)", engine);
         return false;

@@ -56,6 +56,32 @@ vdk_queue_engine_op(VdkQueue *q, VdkIoReq *io)
     q->backlog_tail = &io->next;
 }
 
+void
+vdk_queue_complete_later(VdkQueue *q, VdkIoReq *io)
+{
+    io->next = q->deferred;
+    q->deferred = io;
+    vdk_io_eventfd_signal(q->efd);
+}
+
+static int
+queue_run_deferred(VdkQueue *q)
+{
+    int n = 0;
+    while (q->deferred) {
+        VdkIoReq *list = q->deferred;
+        q->deferred = NULL;
+        while (list) {
+            VdkIoReq *io = list;
+            list = io->next;
+            io->next = NULL;
+            io->complete(io);
+            n++;
+        }
+    }
+    return n;
+}
+
 /* Send everything queued to the kernel, feeding the backlog into the
  * engine as the batch drains. */
 static void
@@ -809,6 +835,7 @@ queue_process(VdkQueue *q)
     q->in_reap = true;
     for (;;) {
         int n = q->engine->reap(q->ctx);
+        n += queue_run_deferred(q);
         vdk_queue_run_ready(q);
         queue_kick(q);
         if (n == 0) {

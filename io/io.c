@@ -27,6 +27,7 @@ static const VdkIoEngine *const io_engines[] = {
     &vdk_io_engine_aio,
 #endif
     &vdk_io_engine_threads,
+    &vdk_io_engine_fault,
 };
 
 const VdkIoEngine *

@@ -110,6 +110,17 @@ typedef struct VdkIoEngine {
 extern const VdkIoEngine vdk_io_engine_uring;
 extern const VdkIoEngine vdk_io_engine_aio;
 extern const VdkIoEngine vdk_io_engine_threads;
+extern const VdkIoEngine vdk_io_engine_fault;
+
+/* Fault engine rules (tests): fail the @nth request (1-based, counted from
+ * now) whose op is @op (-1: any) with @error (negative errno); with
+ * @sticky, every matching request after it too.  nth = 0 clears the rule.
+ * The environment variable VDK_FAULT="OP:NTH:ERRNO[:sticky]" (OP one of
+ * read, write, flush, fallocate, any) sets a rule for the CLI, and
+ * VDK_FAULT_INNER names the wrapped engine (default threads). */
+void vdk_io_fault_set(int op, uint64_t nth, int error, bool sticky);
+void vdk_io_fault_set_inner(const VdkIoEngine *inner);
+uint64_t vdk_io_fault_hits(void);
 
 /* Look up an engine by qemu's name ("io_uring", "native", "threads");
  * "auto" picks io_uring if available here, else threads, and records why

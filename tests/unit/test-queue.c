@@ -514,9 +514,10 @@ test_wait_api(const TestVariant *v)
 int
 main(int argc, char **argv)
 {
+    static const char *const all_caches[] = {"none", "writeback", "writethrough", "directsync", "unsafe", NULL};
     test_init(&argc, &argv);
-    test_add_variants("queue", "roundtrip", test_roundtrip, NULL);
-    test_add_variants("queue", "model", test_model, NULL);
+    test_add_variants("queue", "roundtrip", test_roundtrip, all_caches);
+    test_add_variants("queue", "model", test_model, all_caches);
     test_add_variants("queue", "eagain-and-eventfd", test_eagain_and_fd, NULL);
     test_add_variants("queue", "bounds-and-read-only", test_bounds_and_readonly, NULL);
     test_add_variants("queue", "zero-discard-status", test_zero_discard_status, NULL);
