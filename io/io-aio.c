@@ -189,41 +189,17 @@ static void
 aio_complete_one(VdkIoCtx *ctx, VdkIoReq *req, long res)
 {
     if (req->op == VDK_IO_READV || req->op == VDK_IO_WRITEV) {
-        if (res == -EINTR || res == -EAGAIN) {
+        if (!vdk_io_rw_progress(req, res)) {
             aio_prep(ctx, req);
             return;
         }
-        if (res < 0) {
-            req->result = res;
-            req->complete(req);
-            return;
-        }
-        if (res == 0) {
-            if (req->op == VDK_IO_READV) {
-                vdk_io_zero_rest(req);
-            } else {
-                req->result = -EIO;
-                req->complete(req);
-                return;
-            }
-        } else if (vdk_io_advance(req, (uint64_t)res)) {
-            if (req->op == VDK_IO_READV && req->short_is_eof) {
-                vdk_io_zero_rest(req);
-            } else {
-                aio_prep(ctx, req);
-                return;
-            }
-        }
-        req->result = (int64_t)req->done;
-        req->complete(req);
-        return;
-    }
-    if (req->op == VDK_IO_FDATASYNC && res == -EINVAL) {
+    } else if (req->op == VDK_IO_FDATASYNC && res == -EINVAL) {
         ctx->fdsync_unsupported = true;
         vdk_io_workers_push(ctx->workers, req);
         return;
+    } else {
+        req->result = res;
     }
-    req->result = res;
     req->complete(req);
 }
 

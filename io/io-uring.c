@@ -170,23 +170,30 @@ uring_overflow(VdkIoCtx *ctx, VdkIoReq *req)
     ctx->noverflow++;
 }
 
+/* Move re-queued requests into free SQEs, oldest first. */
+static void
+uring_drain_overflow(VdkIoCtx *ctx)
+{
+    while (ctx->overflow_head) {
+        VdkIoReq *req = ctx->overflow_head;
+        if (!uring_prep(ctx, req)) {
+            break;
+        }
+        ctx->overflow_head = req->next;
+        if (!ctx->overflow_head) {
+            ctx->overflow_tail = &ctx->overflow_head;
+        }
+        ctx->noverflow--;
+    }
+}
+
 static int
 uring_submit(VdkIoCtx *ctx)
 {
     int total = 0;
     vdk_io_workers_kick(ctx->workers);
     for (;;) {
-        while (ctx->overflow_head) {
-            VdkIoReq *req = ctx->overflow_head;
-            if (!uring_prep(ctx, req)) {
-                break;
-            }
-            ctx->overflow_head = req->next;
-            if (!ctx->overflow_head) {
-                ctx->overflow_tail = &ctx->overflow_head;
-            }
-            ctx->noverflow--;
-        }
+        uring_drain_overflow(ctx);
         if (io_uring_sq_ready(&ctx->ring) == 0) {
             return total;
         }
@@ -210,40 +217,16 @@ static void
 uring_complete_one(VdkIoCtx *ctx, VdkIoReq *req, int res)
 {
     if (req->op == VDK_IO_READV || req->op == VDK_IO_WRITEV) {
-        if (res == -EINTR || res == -EAGAIN) {
+        if (!vdk_io_rw_progress(req, res)) {
             uring_overflow(ctx, req);
             return;
         }
-        if (res < 0) {
-            req->result = res;
-            req->complete(req);
-            return;
-        }
-        if (res == 0) {
-            if (req->op == VDK_IO_READV) {
-                vdk_io_zero_rest(req);
-            } else {
-                req->result = -EIO;
-                req->complete(req);
-                return;
-            }
-        } else if (vdk_io_advance(req, (uint64_t)res)) {
-            if (req->op == VDK_IO_READV && req->short_is_eof) {
-                vdk_io_zero_rest(req);
-            } else {
-                uring_overflow(ctx, req);
-                return;
-            }
-        }
-        req->result = (int64_t)req->done;
-        req->complete(req);
-        return;
-    }
-    if (res == -EINTR) {
+    } else if (res == -EINTR) {
         uring_overflow(ctx, req);
         return;
+    } else {
+        req->result = res;
     }
-    req->result = res;
     req->complete(req);
 }
 
@@ -325,18 +308,7 @@ uring_wait(VdkIoCtx *ctx, int timeout_ms)
             ctx->efd_poll_armed = true;
         }
     }
-    /* Move re-queued short transfers into the ring first. */
-    while (ctx->overflow_head) {
-        VdkIoReq *req = ctx->overflow_head;
-        if (!uring_prep(ctx, req)) {
-            break;
-        }
-        ctx->overflow_head = req->next;
-        if (!ctx->overflow_head) {
-            ctx->overflow_tail = &ctx->overflow_head;
-        }
-        ctx->noverflow--;
-    }
+    uring_drain_overflow(ctx);
     struct io_uring_cqe *cqe = NULL;
     int r;
     if (timeout_ms < 0) {

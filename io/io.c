@@ -106,6 +106,33 @@ vdk_io_zero_rest(VdkIoReq *req)
     req->iovcnt = 0;
 }
 
+bool
+vdk_io_rw_progress(VdkIoReq *req, int64_t res)
+{
+    bool is_read = req->op == VDK_IO_READV;
+    if (res == -EINTR || res == -EAGAIN) {
+        return false;
+    }
+    if (res < 0) {
+        req->result = res;
+        return true;
+    }
+    if (res == 0) {
+        if (!is_read) {
+            req->result = -EIO; /* a write that makes no progress */
+            return true;
+        }
+        vdk_io_zero_rest(req);
+    } else if (vdk_io_advance(req, (uint64_t)res)) {
+        if (!(is_read && req->short_is_eof)) {
+            return false;
+        }
+        vdk_io_zero_rest(req);
+    }
+    req->result = (int64_t)req->done;
+    return true;
+}
+
 void
 vdk_io_eventfd_signal(int efd)
 {
@@ -120,35 +147,23 @@ vdk_io_eventfd_signal(int efd)
 static int64_t
 io_exec_rw(VdkIoReq *req)
 {
-    bool is_read = req->op == VDK_IO_READV;
-    while (req->iovcnt > 0) {
+    if (req->iovcnt == 0) {
+        return 0;
+    }
+    for (;;) {
         ssize_t r;
         off_t off = (off_t)(req->offset + req->done);
         int cnt = MIN(req->iovcnt, IOV_MAX);
-        if (is_read) {
+        if (req->op == VDK_IO_READV) {
             r = preadv2(req->fd, req->iov, cnt, off, (int)req->rw_flags);
         } else {
             r = pwritev2(req->fd, req->iov, cnt, off, (int)req->rw_flags);
         }
-        if (r < 0) {
-            if (errno == EINTR) {
-                continue;
-            }
-            return -errno;
-        }
-        if (r == 0) {
-            if (is_read) {
-                vdk_io_zero_rest(req);
-                break;
-            }
-            return -EIO;
-        }
-        if (vdk_io_advance(req, (uint64_t)r) && is_read && req->short_is_eof) {
-            vdk_io_zero_rest(req);
-            break;
+        /* A retried EAGAIN would spin: only EINTR is worth repeating here. */
+        if (vdk_io_rw_progress(req, r < 0 ? (errno == EAGAIN ? -EIO : -errno) : r)) {
+            return req->result;
         }
     }
-    return (int64_t)req->done;
 }
 
 void

@@ -141,6 +141,13 @@ bool vdk_io_advance(VdkIoReq *req, uint64_t n);
 /* Zero-fill what remains of a read that hit end of file. */
 void vdk_io_zero_rest(VdkIoReq *req);
 
+/* Account the kernel's answer @res for one submission of a readv/writev:
+ * returns true when the request is finished (req->result is set: the whole
+ * length, or -errno), false when the rest must be issued again from
+ * req->offset + req->done (short transfer, EINTR, EAGAIN).  A read that
+ * hits end of file (0, or short with short_is_eof) is zero-filled. */
+bool vdk_io_rw_progress(VdkIoReq *req, int64_t res);
+
 /* Signal an eventfd (add 1). */
 void vdk_io_eventfd_signal(int efd);
 

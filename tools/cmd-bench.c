@@ -286,7 +286,7 @@ cmd_bench(int argc, char **argv)
             break;
         case 'I':
         case 'j':
-            tool_error(NULL, "--image-opts and --object are not supported yet");
+            tool_error_unsupported("--image-opts/--object");
             return 1;
         default:
             tool_usage(stderr, bench_help);
@@ -310,9 +310,8 @@ cmd_bench(int argc, char **argv)
     o.read_only = rw == RW_READ;
     const char *filename = argv[optind];
     GError *err = NULL;
-    VdkImage *img = tool_open(filename, &o, &err);
+    VdkImage *img = tool_open(filename, &o);
     if (!img) {
-        tool_gerror(filename, err);
         return 1;
     }
     uint64_t size = vdk_image_get_size(img);

@@ -135,7 +135,7 @@ cmd_compare(int argc, char **argv)
             break;
         case 'I':
         case 'j':
-            tool_error(NULL, "--image-opts and --object are not supported yet");
+            tool_error_unsupported("--image-opts/--object");
             return 2;
         default:
             tool_usage(stderr, compare_help);
@@ -148,15 +148,12 @@ cmd_compare(int argc, char **argv)
     }
     const char *n1 = argv[optind];
     const char *n2 = argv[optind + 1];
-    GError *err = NULL;
-    VdkImage *i1 = tool_open(n1, &o1, &err);
+    VdkImage *i1 = tool_open(n1, &o1);
     if (!i1) {
-        tool_gerror(n1, err);
         return 2;
     }
-    VdkImage *i2 = tool_open(n2, &o2, &err);
+    VdkImage *i2 = tool_open(n2, &o2);
     if (!i2) {
-        tool_gerror(n2, err);
         vdk_image_close(i1, NULL);
         return 2;
     }

@@ -230,9 +230,8 @@ cmd_convert(int argc, char **argv)
 
     ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio};
     for (int i = 0; i < nsrc; i++) {
-        src[i] = tool_open(argv[optind + i], &so, &err);
+        src[i] = tool_open(argv[optind + i], &so);
         if (!src[i]) {
-            tool_gerror(argv[optind + i], err);
             goto out;
         }
         total += vdk_image_get_size(src[i]);
@@ -277,9 +276,8 @@ cmd_convert(int argc, char **argv)
     }
 
     ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio};
-    dst = tool_open(dst_name, &to, &err);
+    dst = tool_open(dst_name, &to);
     if (!dst) {
-        tool_gerror(dst_name, err);
         goto out;
     }
 

@@ -122,12 +122,7 @@ cmd_info(int argc, char **argv)
             o.format = optarg;
             break;
         case 'O':
-            if (!strcmp(optarg, "json")) {
-                json = true;
-            } else if (!strcmp(optarg, "human")) {
-                json = false;
-            } else {
-                tool_error(NULL, "--output must be used with human or json as argument.");
+            if (!tool_parse_output(optarg, &json)) {
                 return 1;
             }
             break;
@@ -139,7 +134,7 @@ cmd_info(int argc, char **argv)
             break;
         case 'I':
         case 'j':
-            tool_error(NULL, "--image-opts and --object are not supported yet");
+            tool_error_unsupported("--image-opts/--object");
             return 1;
         default:
             tool_usage(stderr, info_help);
@@ -151,10 +146,8 @@ cmd_info(int argc, char **argv)
         return 1;
     }
     const char *filename = argv[optind];
-    GError *err = NULL;
-    VdkImage *img = tool_open(filename, &o, &err);
+    VdkImage *img = tool_open(filename, &o);
     if (!img) {
-        tool_gerror(filename, err);
         return 1;
     }
     if (json) {

@@ -609,7 +609,7 @@ cmd_io(int argc, char **argv)
             return 1;
         case 'I':
         case 'j':
-            tool_error(NULL, "--image-opts and --object are not supported yet");
+            tool_error_unsupported("--image-opts/--object");
             g_ptr_array_unref(cmds);
             return 1;
         default:
@@ -625,9 +625,8 @@ cmd_io(int argc, char **argv)
     }
     IoCtx ctx = {.filename = argv[optind]};
     GError *err = NULL;
-    ctx.img = tool_open(ctx.filename, &o, &err);
+    ctx.img = tool_open(ctx.filename, &o);
     if (!ctx.img) {
-        tool_gerror(ctx.filename, err);
         g_ptr_array_unref(cmds);
         return 1;
     }

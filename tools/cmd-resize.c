@@ -76,7 +76,7 @@ cmd_resize(int argc, char **argv)
             break;
         case 'I':
         case 'j':
-            tool_error(NULL, "--image-opts and --object are not supported yet");
+            tool_error_unsupported("--image-opts/--object");
             return 1;
         default:
             tool_usage(stderr, resize_help);
@@ -102,9 +102,8 @@ cmd_resize(int argc, char **argv)
         return 1;
     }
     GError *err = NULL;
-    VdkImage *img = tool_open(filename, &o, &err);
+    VdkImage *img = tool_open(filename, &o);
     if (!img) {
-        tool_gerror(filename, err);
         return 1;
     }
     uint64_t cur = vdk_image_get_size(img);

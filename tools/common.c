@@ -69,8 +69,8 @@ tool_setup_logging(void)
     g_log_set_handler("vdk", G_LOG_LEVEL_MASK | G_LOG_FLAG_FATAL | G_LOG_FLAG_RECURSION, log_handler, NULL);
 }
 
-VdkImage *
-tool_open(const char *filename, const ToolOpen *o, GError **error)
+static VdkImage *
+tool_open_gerror(const char *filename, const ToolOpen *o, GError **error)
 {
     VdkOpenOptions *opts = vdk_open_options_new();
     if (o->format) {
@@ -97,6 +97,37 @@ tool_open(const char *filename, const ToolOpen *o, GError **error)
                 vdk_image_get_engine(img), vdk_image_get_cache(img));
     }
     return img;
+}
+
+VdkImage *
+tool_open(const char *filename, const ToolOpen *o)
+{
+    GError *err = NULL;
+    VdkImage *img = tool_open_gerror(filename, o, &err);
+    if (!img) {
+        tool_gerror(filename, err);
+    }
+    return img;
+}
+
+bool
+tool_parse_output(const char *arg, bool *json)
+{
+    if (!strcmp(arg, "json")) {
+        *json = true;
+    } else if (!strcmp(arg, "human")) {
+        *json = false;
+    } else {
+        tool_error(NULL, "--output must be used with human or json as argument.");
+        return false;
+    }
+    return true;
+}
+
+void
+tool_error_unsupported(const char *opt)
+{
+    tool_error(NULL, "%s is not supported yet", opt);
 }
 
 bool

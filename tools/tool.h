@@ -54,7 +54,12 @@ typedef struct {
     GPtrArray *opts; /* "key=value" strings for vdk_open_options_set */
 } ToolOpen;
 
-VdkImage *tool_open(const char *filename, const ToolOpen *o, GError **error);
+/* Open an image; on failure print "vdk: FILE: why" and return NULL. */
+VdkImage *tool_open(const char *filename, const ToolOpen *o);
+/* --output=human|json; prints qemu-img's error otherwise. */
+bool tool_parse_output(const char *arg, bool *json);
+/* "vdk: OPT is not supported yet" */
+void tool_error_unsupported(const char *opt);
 
 /* Split qemu-style "a=b,c=d" (",," escapes a comma) into key/value pairs
  * appended to @kv (alternating key, value).  "help" alone -> key "help". */
