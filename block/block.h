@@ -457,5 +457,8 @@ bool vdk_copy(const VdkCopyParams *p, GError **error);
 
 /* Probe a buffer holding the first bytes of an image: the best driver. */
 const VdkFormat *vdk_probe_format(const uint8_t *buf, size_t len, const char *filename);
+/* The name of a non-raw format @buf's first sector belongs to, whether or
+ * not this build has a driver for it, or NULL. */
+const char *vdk_probe_foreign(const uint8_t *buf, size_t len);
 
 #endif /* VDK_BLOCK_H */

@@ -8,6 +8,8 @@
  *   - zero/hole ranges are skipped when the target is known to read as
  *     zero (freshly created, or --target-is-zero), otherwise they become
  *     write_zeroes requests (MAY_UNMAP, so a sparse target stays sparse);
+ *     with sparse_size 0 they are always written, without MAY_UNMAP, so the
+ *     target ends up fully allocated (qemu-img's -S 0);
  *   - data ranges are read in chunks into slot buffers; each chunk is
  *     scanned for zero runs of at least `sparse_size` bytes, which are
  *     treated like holes, and the rest is written.
@@ -141,7 +143,9 @@ copy_start_one(Copy *c, unsigned idx)
         }
         uint64_t avail = c->bs.offset + c->bs.length - c->cur_off;
         bool is_zero = (c->bs.flags & VDK_BS_ZERO) && !(c->bs.flags & VDK_BS_DATA);
-        if (is_zero && p->target_is_zero) {
+        /* sparse_size 0 asks for a fully allocated target: zero ranges are
+         * written (allocating) even into a target that reads as zero. */
+        if (is_zero && p->target_is_zero && p->sparse_size) {
             c->cur_off += avail;
             c->cur_dst += avail;
             copy_progress(c, avail);
@@ -231,7 +235,7 @@ copy_issue_writes(Copy *c, unsigned idx)
         int r;
         if (runs[i].zero) {
             if (p->target_is_zero) {
-                continue;
+                continue; /* sparse_size != 0 here: zero runs exist only then */
             }
             r = vdk_queue_write_zeroes(c->dq, s->dst_off + runs[i].off, runs[i].len, zflags, ud(idx, UD_ZERO));
         } else {

@@ -185,6 +185,15 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
             node_free(n);
             return NULL;
         }
+        const char *foreign = n->drv == &vdk_format_raw ? vdk_probe_foreign(buf, sizeof(buf)) : NULL;
+        if (foreign) {
+            g_set_error(error, VDK_ERROR, ENOTSUP,
+                        "this is a %s image, a format this build of vdk cannot open yet (use -f raw to access "
+                        "its bytes as a raw disk)",
+                        foreign);
+            node_free(n);
+            return NULL;
+        }
         if (n->drv == &vdk_format_raw && !read_only) {
             n->probed_raw = true;
             memcpy(n->sector0, buf, sizeof(n->sector0));

@@ -384,7 +384,7 @@ request_check_sector0(VdkRequest *r)
         memset(buf + r->offset, 0, (size_t)(end - r->offset));
     }
     const VdkFormat *drv = vdk_probe_format(buf, sizeof(buf), n->filename);
-    if (drv != &vdk_format_raw) {
+    if (drv != &vdk_format_raw || vdk_probe_foreign(buf, sizeof(buf))) {
         g_mutex_unlock(&n->lock);
         return -EPERM;
     }

@@ -2,7 +2,8 @@
 /*
  * raw.c - the raw format: guest offset == host offset.
  *
- * Files and block devices.  Block status comes from SEEK_DATA/SEEK_HOLE
+ * Files and block devices; the size is the file's length rounded up to a
+ * whole 512-byte sector, as in qemu.  Block status comes from SEEK_DATA/SEEK_HOLE
  * (holes are reported as zero, allocated in this layer, with their offset,
  * like qemu-img map); discard punches holes (BLKDISCARD on devices);
  * write_zeroes uses the file layer's fallocate/BLKZEROOUT chain.  Resizing
@@ -29,7 +30,10 @@ static bool
 raw_open(VdkNode *n, GError **error)
 {
     (void)error;
-    n->size = n->file->size;
+    /* Like qemu, a file whose length is not a whole number of 512-byte
+     * sectors is a disk of the next whole sector: the tail reads as zeroes
+     * and writing into it extends the file. */
+    n->size = vdk_align_up(n->file->size, 512);
     return true;
 }
 

@@ -173,23 +173,35 @@ cmd_compare(int argc, char **argv)
     progress_init(&prog, progress && !quiet ? PROGRESS_BAR : PROGRESS_NONE, MAX(s1, s2));
     int ret = 0;
     int64_t mismatch = -1;
+    if (strict && s1 != s2) {
+        /* qemu-img decides this before looking at any content */
+        if (!quiet) {
+            printf("Strict mode: Image size mismatch!\n");
+        }
+        ret = 1;
+    }
 
     for (uint64_t off = 0; off < common && ret == 0 && mismatch < 0;) {
         VdkBlockStatus bs1, bs2;
-        int r = vdk_image_block_status(i1, off, common - off, &bs1);
+        /* Ask each image up to its own end: strict mode compares whether a
+         * range reaches the end of its image too (qemu's EOF status bit). */
+        int r = vdk_image_block_status(i1, off, s1 - off, &bs1);
         if (r < 0) {
             tool_error(n1, "error while reading offset %" PRIu64 ": %s", off, g_strerror(-r));
             ret = 2;
             break;
         }
-        r = vdk_image_block_status(i2, off, common - off, &bs2);
+        r = vdk_image_block_status(i2, off, s2 - off, &bs2);
         if (r < 0) {
             tool_error(n2, "error while reading offset %" PRIu64 ": %s", off, g_strerror(-r));
             ret = 2;
             break;
         }
-        uint64_t n = MIN(bs1.length, bs2.length);
-        if (strict && (bs1.flags & (VDK_BS_DATA | VDK_BS_ZERO)) != (bs2.flags & (VDK_BS_DATA | VDK_BS_ZERO))) {
+        bool eof1 = off + bs1.length == s1;
+        bool eof2 = off + bs2.length == s2;
+        uint64_t n = MIN(MIN(bs1.length, bs2.length), common - off);
+        uint32_t mask = VDK_BS_DATA | VDK_BS_ZERO | VDK_BS_ALLOCATED;
+        if (strict && ((bs1.flags & mask) != (bs2.flags & mask) || eof1 != eof2)) {
             if (!quiet) {
                 printf("Strict mode: Offset %" PRIu64 " block status mismatch!\n", off);
             }
@@ -241,22 +253,15 @@ cmd_compare(int argc, char **argv)
     }
 
     if (ret == 0 && mismatch < 0 && s1 != s2) {
-        if (strict) {
-            if (!quiet) {
-                printf("Strict mode: Image size mismatch!\n");
-            }
-            ret = 1;
-        } else {
-            if (!quiet) {
-                printf("Warning: Image size mismatch!\n");
-            }
-            VdkImage *big = s1 > s2 ? i1 : i2;
-            int64_t d = check_zero_tail(big, s1 > s2 ? n1 : n2, common, MAX(s1, s2), b1);
-            if (d == -2) {
-                ret = 2;
-            } else if (d >= 0) {
-                mismatch = d;
-            }
+        if (!quiet) {
+            printf("Warning: Image size mismatch!\n");
+        }
+        VdkImage *big = s1 > s2 ? i1 : i2;
+        int64_t d = check_zero_tail(big, s1 > s2 ? n1 : n2, common, MAX(s1, s2), b1);
+        if (d == -2) {
+            ret = 2;
+        } else if (d >= 0) {
+            mismatch = d;
         }
     }
     if (ret == 0 && mismatch >= 0) {

@@ -156,8 +156,7 @@ cmd_create(int argc, char **argv)
     vdk_create_options_set_overwrite(o, force);
 
     if (!quiet) {
-        /* qemu-img's line: the options given, in the format's order, with
-         * the size rounded up to whole sectors. */
+        /* qemu-img's line: the options given, in the format's order. */
         GString *line = g_string_new(NULL);
         g_string_append_printf(line, "Formatting '%s', fmt=%s", filename, fmt);
         for (const VdkOptionDesc *d = o->drv->create_opts; d && d->name; d++) {
@@ -168,7 +167,9 @@ cmd_create(int argc, char **argv)
             if (!strcmp(d->name, "size")) {
                 uint64_t sz = 0;
                 if (vdk_parse_size(v, &sz, NULL)) {
-                    g_string_append_printf(line, " size=%" G_GUINT64_FORMAT, vdk_align_up(sz, 512));
+                    /* the size as given, in bytes; the image itself is
+                     * rounded up to whole sectors, as qemu-img does */
+                    g_string_append_printf(line, " size=%" G_GUINT64_FORMAT, sz);
                 }
             } else {
                 g_string_append_printf(line, " %s=%s", d->name, v);

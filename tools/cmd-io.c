@@ -96,6 +96,19 @@ parse_pattern(const char *s, int *out)
     return true;
 }
 
+/* qemu-io answers any request past the end with EIO; do the same so
+ * scripts see the same message (the library says EINVAL/ENOSPC). */
+static bool
+io_in_range(IoCtx *c, const char *op, uint64_t off, uint64_t len)
+{
+    uint64_t size = vdk_image_get_size(c->img);
+    if (off > size || len > size - off) {
+        fprintf(stderr, "%s failed: %s\n", op, g_strerror(EIO));
+        return false;
+    }
+    return true;
+}
+
 static void *
 io_alloc(size_t len)
 {
@@ -161,6 +174,9 @@ io_read(IoCtx *c, int argc, char **argv)
     if (len > VDK_MAX_REQUEST_BYTES) {
         printf("length cannot exceed %llu, given %s\n", (unsigned long long)VDK_MAX_REQUEST_BYTES, argv[optind + 1]);
         return -EINVAL;
+    }
+    if (!io_in_range(c, "read", off, len)) {
+        return -EIO;
     }
     uint8_t *buf = io_alloc((size_t)len);
     if (!buf) {
@@ -250,6 +266,9 @@ io_write(IoCtx *c, int argc, char **argv)
     if (!parse_num(argv[optind], &off) || !parse_num(argv[optind + 1], &len)) {
         return -EINVAL;
     }
+    if (!io_in_range(c, "write", off, len)) {
+        return -EIO;
+    }
     double t0;
     int r;
     if (zero) {
@@ -304,6 +323,9 @@ io_discard(IoCtx *c, int argc, char **argv)
     uint64_t off, len;
     if (!parse_num(argv[optind], &off) || !parse_num(argv[optind + 1], &len)) {
         return -EINVAL;
+    }
+    if (!io_in_range(c, "discard", off, len)) {
+        return -EIO;
     }
     double t0 = now_s();
     int r = vdk_image_discard(c->img, off, len);

@@ -42,10 +42,6 @@ map_print(VdkImage *img, const MapEntry *e, bool json, bool *first)
         return;
     }
     if (e->data && e->has_offset) {
-        if (*first) {
-            printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
-            *first = false;
-        }
         const char *f = vdk_image_get_layer_filename(img, e->depth);
         printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start, e->length, e->offset, f ? f : "");
     }
@@ -84,13 +80,15 @@ cmd_map(int argc, char **argv)
             break;
         case 's':
             if (!vdk_parse_size(optarg, &start, NULL)) {
-                tool_error(NULL, "Invalid start offset specified! You may use k, M, G, T, P or E suffixes for ");
+                tool_error(NULL, "invalid --start-offset '%s' (a size: k, M, G, T, P or E suffixes allowed)",
+                           optarg);
                 return 1;
             }
             break;
         case 'l':
             if (!vdk_parse_size(optarg, &max_len, NULL)) {
-                tool_error(NULL, "Invalid length specified! You may use k, M, G, T, P or E suffixes for ");
+                tool_error(NULL, "invalid --max-length '%s' (a size: k, M, G, T, P or E suffixes allowed)",
+                           optarg);
                 return 1;
             }
             break;
@@ -123,6 +121,10 @@ cmd_map(int argc, char **argv)
     MapEntry cur = {0};
     bool first = true;
     int ret = 0;
+    if (!json) {
+        /* qemu-img prints the header even when nothing is mapped */
+        printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+    }
     for (uint64_t off = start; off < end;) {
         VdkBlockStatus bs;
         uint64_t chunk = MIN(end - off, (uint64_t)1 << 30);

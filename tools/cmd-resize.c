@@ -122,14 +122,15 @@ cmd_resize(int argc, char **argv)
         }
         size = cur - amount;
     }
-    if (size < cur && shrink) {
-        fprintf(stderr, "vdk: warning: Shrinking an image will delete all data beyond the shrunken image's "
-                        "end. Before performing such an operation, make sure there is no important data "
-                        "there.\n");
-    }
     int ret = 0;
     if (!vdk_image_resize(img, size, shrink, prealloc, &err)) {
         tool_gerror(filename, err);
+        if (size < cur && !shrink) {
+            /* qemu-img's reminder, printed with the refusal */
+            fprintf(stderr, "vdk: warning: Shrinking an image will delete all data beyond the shrunken "
+                            "image's end. Before performing such an operation, make sure there is no "
+                            "important data there.\n");
+        }
         ret = 1;
     } else if (!quiet) {
         printf("Image resized.\n");

@@ -189,8 +189,7 @@ tool_parse_size_arg(const char *s, uint64_t *out)
 {
     GError *err = NULL;
     if (!vdk_parse_size(s, out, &err)) {
-        tool_error(NULL, "invalid image size '%s': %s (you may use k, M, G, T, P or E suffixes)", s,
-                   err->message);
+        tool_error(NULL, "invalid image size: %s", err->message);
         g_error_free(err);
         return false;
     }

@@ -215,9 +215,10 @@ VDK_API int vdk_queue_get_fd(VdkQueue *q);
 /**
  * Queue a request.  Offsets and lengths are byte-granular; O_DIRECT
  * alignment is handled internally.  Return 0, -EAGAIN (queue full: reap
- * first), -EINVAL (bad arguments), -EROFS (read-only image) or -ENOSPC
- * (request past the end of the image).  Nothing is sent before
- * vdk_queue_submit().
+ * first), -EINVAL (bad arguments, a read or block status past the end of
+ * the image, or a read/write longer than 1 GiB), -EROFS (writing to a
+ * read-only image) or -ENOSPC (a write, discard or write_zeroes past the
+ * end of the image).  Nothing is sent before vdk_queue_submit().
  */
 VDK_API int vdk_queue_readv(VdkQueue *q, uint64_t offset, const struct iovec *iov, int iovcnt,
                             uint64_t user_data);

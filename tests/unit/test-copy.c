@@ -117,7 +117,7 @@ test_no_sparse(const TestVariant *v)
     VdkImage *src = test_open(src_path, "raw", v, true);
     VdkImage *dst = make_target("dst0.raw", 4u << 20, v);
     GError *err = NULL;
-    VdkCopyParams p = {.src = &src, .nsrc = 1, .dst = dst, .sparse_size = 0, .target_is_zero = false};
+    VdkCopyParams p = {.src = &src, .nsrc = 1, .dst = dst, .sparse_size = 0, .target_is_zero = true};
     g_assert_true(vdk_copy(&p, &err));
     vdk_image_close(dst, NULL);
     vdk_image_close(src, NULL);

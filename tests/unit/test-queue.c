@@ -386,15 +386,16 @@ test_rmw_same_block(const TestVariant *v)
     g_free(path);
 }
 
-/* A raw file whose length is not a multiple of the O_DIRECT alignment:
- * writes near the end must not grow it, reads past the old tail must not
- * fail. */
+/* A raw file whose length is not a multiple of the O_DIRECT alignment (nor
+ * of 512): like qemu, the disk is the next whole sector; writes below the
+ * file's end must not grow it, a write into the last partial sector grows it
+ * to exactly the end of that write, and the tail reads as zeroes. */
 static void
 test_unaligned_size(const TestVariant *v)
 {
     char *path = make_image("odd.raw", 1000000);
     VdkImage *img = test_open(path, "raw", v, false);
-    g_assert_cmpuint(vdk_image_get_size(img), ==, 1000000);
+    g_assert_cmpuint(vdk_image_get_size(img), ==, 1000448);
     uint8_t buf[3000];
     memset(buf, 0x42, sizeof(buf));
     g_assert_cmpint(vdk_image_pwrite(img, buf, 3000, 1000000 - 3000, 0), ==, 0);
@@ -404,10 +405,22 @@ test_unaligned_size(const TestVariant *v)
     for (int i = 0; i < 3000; i++) {
         g_assert_cmpint(buf[i], ==, 0x42);
     }
-    vdk_image_close(img, NULL);
     struct stat st;
     g_assert_cmpint(stat(path, &st), ==, 0);
     g_assert_cmpint(st.st_size, ==, 1000000);
+    /* the tail sector past the file's end */
+    memset(buf, 0xff, sizeof(buf));
+    g_assert_cmpint(vdk_image_pread(img, buf, 448, 1000000), ==, 0);
+    g_assert_true(vdk_buffer_is_zero(buf, 448));
+    memset(buf, 0x43, 100);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, 100, 999990, 0), ==, 0);
+    g_assert_cmpint(stat(path, &st), ==, 0);
+    g_assert_cmpint(st.st_size, ==, 1000090);
+    g_assert_cmpint(vdk_image_pread(img, buf, 200, 999990), ==, 0);
+    for (int i = 0; i < 200; i++) {
+        g_assert_cmpint(buf[i], ==, i < 100 ? 0x43 : 0);
+    }
+    vdk_image_close(img, NULL);
     g_free(path);
 }
 
