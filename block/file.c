@@ -18,10 +18,11 @@
  * multiple of the alignment) goes through a buffered twin fd instead, so the
  * file never grows past what was asked.
  *
- * write_zeroes tries, in order: BLKZEROOUT (devices) or
- * FALLOC_FL_PUNCH_HOLE (with MAY_UNMAP) and FALLOC_FL_ZERO_RANGE (files),
- * remembering per file what the filesystem refused, then writing zero
- * buffers unless NO_FALLBACK.  Discard punches holes / issues BLKDISCARD and
+ * write_zeroes tries, in order: BLKZEROOUT (devices); for files
+ * FALLOC_FL_PUNCH_HOLE when MAY_UNMAP allows a hole, FALLOC_FL_ZERO_RANGE,
+ * then PUNCH_HOLE followed by fallocate to allocate the range again; it
+ * remembers per file what the filesystem refused, and writes zero buffers
+ * as the last resort unless NO_FALLBACK.  Discard punches holes / issues BLKDISCARD and
  * treats "not supported" as success (discard is advisory).
  */
 #include "config.h"
@@ -469,6 +470,19 @@ static void child_io_done(VdkIoReq *io);
 static void child_start(VdkChild *c);
 static void zero_next(VdkChild *c);
 
+/* write_zeroes methods, tried in this order (a refused one is remembered
+ * per file and skipped from then on). */
+enum {
+    ZERO_BLKZEROOUT = 0,   /* devices, aligned ranges */
+    ZERO_PUNCH_UNMAP,      /* MAY_UNMAP: a hole is fine */
+    ZERO_RANGE,            /* keeps the allocation */
+    ZERO_PUNCH_KEEP,       /* no ZERO_RANGE (tmpfs...): punch... */
+    ZERO_REALLOCATE,       /* ...then allocate again, as asked */
+    ZERO_WRITE_SETUP,      /* last resort: write zero buffers */
+    ZERO_WRITE,
+};
+
+
 static VdkChild *
 child_get(VdkRequest *r, VdkFile *f)
 {
@@ -883,6 +897,12 @@ child_io_done(VdkIoReq *io)
         child_finish(c, err);
         return;
     case VDK_CHILD_ZERO:
+        if (c->zero_step == ZERO_REALLOCATE) {
+            /* The range is a hole and reads as zeroes already: allocating it
+             * again is what was asked, but its failure loses nothing. */
+            child_finish(c, 0);
+            return;
+        }
         if (err == 0) {
             if (c->io.op == VDK_IO_WRITEV) {
                 c->offset += c->io.len;
@@ -892,6 +912,10 @@ child_io_done(VdkIoReq *io)
                     zero_next(c);
                     return;
                 }
+            } else if (c->zero_step == ZERO_PUNCH_KEEP) {
+                c->zero_step = ZERO_REALLOCATE;
+                zero_next(c);
+                return;
             }
             child_finish(c, 0);
             return;
@@ -905,7 +929,7 @@ child_io_done(VdkIoReq *io)
                     __atomic_store_n(&f->punch_hole_state, -1, __ATOMIC_RELAXED);
                 }
             }
-            c->zero_step++;
+            c->zero_step = c->zero_step == ZERO_PUNCH_KEEP ? ZERO_WRITE_SETUP : c->zero_step + 1;
             zero_next(c);
             return;
         }
@@ -915,14 +939,26 @@ child_io_done(VdkIoReq *io)
     child_finish(c, -EIO);
 }
 
+static void
+zero_fallocate(VdkChild *c, int mode)
+{
+    c->io.op = VDK_IO_FALLOCATE;
+    c->io.fd = c->file->fd;
+    c->io.mode = mode;
+    c->io.offset = c->offset;
+    c->io.len = c->len;
+    child_queue_io(c);
+}
+
 /* Choose the next write_zeroes method for the remaining range. */
 static void
 zero_next(VdkChild *c)
 {
     VdkFile *f = c->file;
+    bool in_file = c->offset + c->len <= __atomic_load_n(&f->size, __ATOMIC_RELAXED);
     for (;;) {
         switch (c->zero_step) {
-        case 0: /* devices: BLKZEROOUT on the aligned range */
+        case ZERO_BLKZEROOUT:
             if (f->is_blockdev && c->offset % f->logical_block_size == 0 &&
                 c->len % f->logical_block_size == 0) {
                 c->io.op = VDK_IO_BLKZEROOUT;
@@ -932,40 +968,40 @@ zero_next(VdkChild *c)
                 child_queue_io(c);
                 return;
             }
-            c->zero_step++;
+            c->zero_step = ZERO_PUNCH_UNMAP;
             continue;
-        case 1: /* punch a hole: allowed to deallocate */
-            if (!f->is_blockdev && (c->flags & VDK_REQ_MAY_UNMAP) &&
-                __atomic_load_n(&f->punch_hole_state, __ATOMIC_RELAXED) >= 0 &&
-                c->offset + c->len <= __atomic_load_n(&f->size, __ATOMIC_RELAXED)) {
-                c->io.op = VDK_IO_FALLOCATE;
-                c->io.fd = f->fd;
-                c->io.mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-                c->io.offset = c->offset;
-                c->io.len = c->len;
-                child_queue_io(c);
+        case ZERO_PUNCH_UNMAP:
+            if (!f->is_blockdev && (c->flags & VDK_REQ_MAY_UNMAP) && in_file &&
+                __atomic_load_n(&f->punch_hole_state, __ATOMIC_RELAXED) >= 0) {
+                zero_fallocate(c, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
                 return;
             }
-            c->zero_step++;
+            c->zero_step = ZERO_RANGE;
             continue;
-        case 2: /* zero range: keeps the allocation */
+        case ZERO_RANGE:
             if (!f->is_blockdev && __atomic_load_n(&f->zero_range_state, __ATOMIC_RELAXED) >= 0) {
-                c->io.op = VDK_IO_FALLOCATE;
-                c->io.fd = f->fd;
-                c->io.mode = FALLOC_FL_ZERO_RANGE;
-                c->io.offset = c->offset;
-                c->io.len = c->len;
-                child_queue_io(c);
+                zero_fallocate(c, FALLOC_FL_ZERO_RANGE);
                 return;
             }
-            c->zero_step++;
+            c->zero_step = ZERO_PUNCH_KEEP;
             continue;
-        case 3: /* write zero buffers */
+        case ZERO_PUNCH_KEEP:
+            if (!f->is_blockdev && !(c->flags & VDK_REQ_MAY_UNMAP) && in_file &&
+                __atomic_load_n(&f->punch_hole_state, __ATOMIC_RELAXED) >= 0) {
+                zero_fallocate(c, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+                return;
+            }
+            c->zero_step = ZERO_WRITE_SETUP;
+            continue;
+        case ZERO_REALLOCATE:
+            zero_fallocate(c, FALLOC_FL_KEEP_SIZE);
+            return;
+        case ZERO_WRITE_SETUP:
             if (c->flags & VDK_REQ_NO_FALLBACK) {
                 child_finish(c, -ENOTSUP);
                 return;
             }
-            c->zero_step = 4;
+            c->zero_step = ZERO_WRITE;
             /* Unaligned edges of an O_DIRECT file go through the RMW path
              * as separate children; this child writes the aligned middle. */
             if (f->direct) {
@@ -991,7 +1027,7 @@ zero_next(VdkChild *c)
                 c->len = a1 - a0;
             }
             continue;
-        case 4: {
+        case ZERO_WRITE: {
             uint64_t n = MIN(c->len, (uint64_t)ZERO_CHUNK);
             int cnt = (int)((n + ZERO_BUF_SIZE - 1) / ZERO_BUF_SIZE);
             struct iovec *v = child_iov(c, cnt);
@@ -1021,7 +1057,7 @@ vdk_req_file_zero(VdkRequest *r, VdkFile *f, uint64_t off, uint64_t len, uint32_
     c->offset = off;
     c->len = len;
     c->flags = flags;
-    c->zero_step = 0;
+    c->zero_step = ZERO_BLKZEROOUT;
     c->a_start = vdk_align_down(off, f->req_align);
     c->a_end = vdk_align_up(off + len, f->req_align);
     child_start(c);

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "io/io.h"
 #include "tools/tool.h"
 
 static const ToolCommand commands[] = {
@@ -41,9 +42,16 @@ usage(FILE *out)
     for (size_t i = 0; i < vdk_formats_count; i++) {
         fprintf(out, " %s", vdk_formats[i]->name);
     }
-    fprintf(out,
-            "\nI/O engines (--aio): io_uring native threads auto\n"
-            "Cache modes (-t/-T): none writeback writethrough directsync unsafe\n");
+    /* Engines compiled in and usable on this machine. */
+    fprintf(out, "\nI/O engines (--aio):");
+    static const char *const engines[] = {"io_uring", "native", "threads"};
+    for (size_t i = 0; i < G_N_ELEMENTS(engines); i++) {
+        if (vdk_io_engine_select(engines[i], NULL, NULL)) {
+            fprintf(out, " %s", engines[i]);
+        }
+    }
+    fprintf(out, " auto\n"
+                 "Cache modes (-t/-T): none writeback writethrough directsync unsafe\n");
 }
 
 int

@@ -229,7 +229,11 @@ VDK_API int vdk_queue_write(VdkQueue *q, uint64_t offset, const void *buf, size_
                             uint64_t user_data);
 /** Flush: every write completed before it is queued is durable when it completes. */
 VDK_API int vdk_queue_flush(VdkQueue *q, uint64_t user_data);
-/** Discard: the range's content becomes unspecified (zero for raw files). */
+/**
+ * Discard: the range's content becomes unspecified (raw files: zeroes where
+ * the filesystem can punch holes; otherwise unchanged).  Discard is advisory:
+ * a filesystem or device that cannot do it is not an error.
+ */
 VDK_API int vdk_queue_discard(VdkQueue *q, uint64_t offset, uint64_t length, uint64_t user_data);
 /** Write zeroes: the range reads as zeroes afterwards. Flags: VDK_REQ_MAY_UNMAP, VDK_REQ_NO_FALLBACK, VDK_REQ_FUA. */
 VDK_API int vdk_queue_write_zeroes(VdkQueue *q, uint64_t offset, uint64_t length, unsigned flags,

@@ -10,6 +10,10 @@ D=$(mktemp -d "${TMPDIR:-/var/tmp}/vdk-nouring-XXXXXX")
 trap 'rm -rf "$D"' EXIT
 truncate -s 4M "$D/f.raw"
 echo "1..3"
+if ! "$VDK" --help | grep -q '^I/O engines.* io_uring'; then
+	for i in 1 2 3; do echo "ok $i # SKIP io_uring is not compiled in or not usable here"; done
+	exit 0
+fi
 out=$("$NOURING" "$VDK" -v io -f raw -c 'write -q -P 0x33 1000 3000' -c 'read -q -P 0x33 1000 3000' "$D/f.raw" 2>&1)
 rc=$?
 if [ $rc = 77 ]; then

@@ -386,6 +386,70 @@ test_probed_raw_sector0(void)
     g_free(p);
 }
 
+/* write_zeroes on filesystems that lack the fast paths: tmpfs has no
+ * ZERO_RANGE (punch a hole, then allocate again unless unmapping is
+ * allowed), ramfs has no fallocate at all (write zero buffers; NO_FALLBACK
+ * refuses; discard is advisory and succeeds). */
+static bool
+check_zero_fs(const char *fstype, bool has_punch)
+{
+    char *mnt = g_strdup_printf("%s/%s", test_dir(), fstype);
+    g_assert_cmpint(g_mkdir_with_parents(mnt, 0755), ==, 0);
+    if (mount("vdk-test", mnt, fstype, 0, g_str_equal(fstype, "tmpfs") ? "size=16m" : NULL) != 0) {
+        char *msg = g_strdup_printf("cannot mount %s: %s", fstype, g_strerror(errno));
+        g_test_skip(msg);
+        g_free(msg);
+        g_free(mnt);
+        return false;
+    }
+    char *p = g_strdup_printf("%s/z.raw", mnt);
+    test_make_sparse(p, 4 << 20);
+    VdkImage *img = test_open(p, "raw", NULL, false);
+    uint8_t *buf = g_malloc(1 << 20);
+    memset(buf, 0x99, 1 << 20);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, 1 << 20, 0, 0), ==, 0);
+    g_assert_cmpint(vdk_image_flush(img), ==, 0);
+    uint64_t before = test_allocated(p);
+
+    g_assert_cmpint(vdk_image_write_zeroes(img, 4096, 65536, 0), ==, 0);
+    g_assert_cmpint(vdk_image_write_zeroes(img, 200000, 1000, 0), ==, 0); /* unaligned */
+    int r = vdk_image_write_zeroes(img, 300000, 65536, VDK_REQ_NO_FALLBACK);
+    g_assert_cmpint(r, ==, has_punch ? 0 : -ENOTSUP);
+    g_assert_cmpint(vdk_image_pread(img, buf, 1 << 20, 0), ==, 0);
+    for (size_t i = 0; i < (1 << 20); i++) {
+        bool zero = (i >= 4096 && i < 4096 + 65536) || (i >= 200000 && i < 201000) ||
+                    (has_punch && i >= 300000 && i < 300000 + 65536);
+        if (buf[i] != (zero ? 0 : 0x99)) {
+            g_error("%s: byte %zu is 0x%02x", fstype, i, buf[i]);
+        }
+    }
+    /* Without MAY_UNMAP the range stays allocated. */
+    g_assert_cmpuint(test_allocated(p), ==, before);
+    if (has_punch) {
+        g_assert_cmpint(vdk_image_write_zeroes(img, 512 << 10, 256 << 10, VDK_REQ_MAY_UNMAP), ==, 0);
+        g_assert_cmpuint(test_allocated(p), ==, before - (256 << 10));
+    }
+    g_assert_cmpint(vdk_image_discard(img, 768 << 10, 64 << 10), ==, 0);
+    vdk_image_close(img, NULL);
+    g_free(buf);
+    g_free(p);
+    g_assert_cmpint(umount(mnt), ==, 0);
+    g_free(mnt);
+    return true;
+}
+
+static void
+test_zero_fallbacks(void)
+{
+    if (geteuid() != 0) {
+        g_test_skip("needs root to mount tmpfs and ramfs");
+        return;
+    }
+    if (check_zero_fs("tmpfs", true)) {
+        check_zero_fs("ramfs", false);
+    }
+}
+
 static void
 test_open_errors(void)
 {
@@ -501,6 +565,7 @@ main(int argc, char **argv)
     g_test_add_func("/raw/resize", test_resize);
     g_test_add_func("/raw/probed-raw-sector0", test_probed_raw_sector0);
     g_test_add_func("/raw/open-errors", test_open_errors);
+    g_test_add_func("/raw/write-zeroes-fallbacks", test_zero_fallbacks);
     g_test_add_func("/raw/block-device", test_block_device);
     return g_test_run();
 }
