@@ -34,6 +34,7 @@ typedef struct VdkRequest VdkRequest;
 typedef struct VdkChild VdkChild;
 typedef struct VdkOptionDesc VdkOptionDesc;
 typedef struct VdkInfo VdkInfo;
+typedef struct VdkCheckResult VdkCheckResult;
 
 /* Requests larger than this are refused with -EINVAL (NBD's and virtio's
  * usual limits are far below; it bounds bounce-buffer allocations). */
@@ -111,23 +112,61 @@ int vdk_file_seek_status(VdkFile *f, uint64_t off, uint64_t len, uint64_t *pnum)
 /* ------------------------------------------------------------------------ */
 
 typedef enum {
-    VDK_EXT_DATA = 1, /* bytes at ext->file + ext->host_offset */
-    VDK_EXT_ZERO,     /* reads as zeroes in this layer */
-    VDK_EXT_UNALLOC,  /* not in this layer: backing node, or zero without one */
+    VDK_EXT_DATA = 1,   /* bytes at ext->file + ext->host_offset */
+    VDK_EXT_ZERO,       /* reads as zeroes in this layer */
+    VDK_EXT_UNALLOC,    /* not in this layer: backing node, or zero without one */
+    VDK_EXT_COMPRESSED, /* read, decompress a unit, copy the part asked for */
+    VDK_EXT_ALLOC,      /* (writes) needs allocation: see VdkAlloc */
 } VdkExtentKind;
+
+typedef struct VdkAlloc VdkAlloc;
 
 typedef struct VdkExtent {
     uint8_t kind;
-    bool host_valid; /* ZERO extents: host_offset/file are meaningful (map output) */
-    uint64_t len;    /* guest bytes covered, from the offset asked, >= 1 */
+    bool host_valid;  /* ZERO extents: host_offset/file are meaningful (map output) */
+    uint64_t len;     /* guest bytes covered, from the offset asked, >= 1 */
     VdkFile *file;
     uint64_t host_offset;
+    /* COMPRESSED: the compressed unit holding the range */
+    uint64_t comp_len;    /* bytes to read at host_offset (may include slack) */
+    uint64_t unit_offset; /* guest offset of the unit's first byte */
+    uint32_t unit_size;   /* bytes the unit decompresses to */
+    /* ALLOC */
+    VdkAlloc *alloc;
 } VdkExtent;
+
+/*
+ * An allocating write, planned by the driver's map(VDK_MAP_WRITE) and
+ * carried out by the block layer:
+ *   1. if @cow, the parts of [guest_start, guest_end) outside the request's
+ *      bytes are read through the node as it is now (backing file, old
+ *      cluster, compressed data or zeroes) into bounce buffers;
+ *   2. one write puts head + the request's bytes + tail at host_offset
+ *      (without @cow only the request's bytes are written, at
+ *      host_offset + (offset - guest_start): the rest of the new space
+ *      already reads as zeroes or keeps data that stays valid);
+ *   3. the driver's alloc_done() is called with the outcome and makes the
+ *      new mapping visible (or releases the reservation on error).
+ * The driver keeps the VdkAlloc alive until alloc_done() and makes other
+ * writes to the same guest range wait for it.
+ */
+struct VdkAlloc {
+    uint64_t guest_start, guest_end;
+    VdkFile *file;
+    uint64_t host_offset;
+    bool cow;
+    void *opaque; /* driver */
+};
 
 /* map() flags */
 enum {
     VDK_MAP_WRITE = 1u << 0, /* the caller will write the range */
 };
+
+/* map() and the stepped driver hooks return this (positive) when they had
+ * to wait for metadata: the driver keeps the request and calls
+ * vdk_request_resume() when the step can be retried. */
+#define VDK_WAIT 1
 
 /* Option descriptions (create options, -o help). */
 typedef enum {
@@ -167,6 +206,21 @@ const char *vdk_create_filename(VdkCreateCtx *cc);
 bool vdk_create_check_space(VdkCreateCtx *cc, uint64_t need, GError **error);
 
 /* Format-specific information for `info`. */
+/* qemu-img check's counters (and JSON keys). */
+typedef struct VdkCheckResult {
+    uint64_t corruptions, leaks, check_errors;
+    uint64_t corruptions_fixed, leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+    bool has_stats;
+    GPtrArray *messages; /* one line per problem, in qemu-img's wording */
+} VdkCheckResult;
+
+enum {
+    VDK_CHECK_FIX_LEAKS = 1,
+    VDK_CHECK_FIX_ERRORS = 2,
+};
+
 struct VdkInfo {
     uint64_t cluster_size; /* 0: none */
     bool dirty;
@@ -182,32 +236,50 @@ struct VdkFormat {
     const char *name;
     /* 0 = not this format, higher = more certain; raw returns 1. */
     int (*probe)(const uint8_t *buf, size_t len, const char *filename);
-    /* Open: n->file is open; set n->size, n->opaque.  Blocking (control path). */
+    /* Open: n->file is open; set n->size, n->opaque, and n->backing_name /
+     * n->backing_fmt when the image has a backing file (the block layer
+     * opens it).  Blocking (control path). */
     bool (*open)(VdkNode *n, GError **error);
-    /* Write back dirty metadata and free n->opaque.  Blocking. */
+    /* Free n->opaque.  Dirty metadata was written back before (a final
+     * flush, VDK_FLUSH_FINAL, ran through flush()).  Blocking. */
     bool (*close)(VdkNode *n, GError **error);
     /*
      * map: translate the guest range [offset, offset+len) (len >= 1, inside
      * the node) into its first extent.  Called on the queue's thread; must
-     * not block.  Returns 0 with *ext filled (ext->len <= len), or -errno.
-     * (Drivers with on-disk metadata will be able to return VDK_MAP_WAIT
-     * after arranging for @r to be re-stepped; raw never waits.)
+     * not block.  Returns 0 with *ext filled (ext->len <= len), VDK_WAIT
+     * after parking @r on metadata being loaded (then @r is resumed), or
+     * -errno.  @r is NULL for callers that cannot wait (they get -EAGAIN).
+     * With VDK_MAP_WRITE the extent is DATA (write in place) or ALLOC.
      */
     int (*map)(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r);
+    /* ALLOC extents: the data and copy-on-write are written (err = 0) or
+     * failed (err < 0); @q is the queue running this (for wake-ups). */
+    void (*alloc_done)(VdkNode *n, VdkAlloc *a, int err, VdkQueue *q);
+    /* COMPRESSED extents: decompress @in into exactly @out_len bytes. */
+    int (*decompress)(VdkNode *n, const void *in, size_t in_len, void *out, size_t out_len);
     /*
      * block_status: like map for reading, but may cost a syscall (raw asks
      * SEEK_DATA/SEEK_HOLE) and distinguishes holes as ZERO with host_valid.
      * NULL: map() is used.
      */
-    int (*block_status)(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext);
-    /* discard / write_zeroes: issue the file operations for the range via
-     * vdk_req_file_discard() / vdk_req_file_zero() (and metadata updates for
-     * formats that have them).  Return 0 or -errno.  NULL: discard is a
-     * no-op and write_zeroes writes zero buffers through map(). */
-    int (*discard)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len);
-    int (*write_zeroes)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, unsigned flags);
-    /* flush: write back dirty metadata before the block layer syncs the
-     * node's files.  NULL: nothing to write. */
+    int (*block_status)(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r);
+    /*
+     * discard / write_zeroes: stepped like map.  Work from r->cursor to the
+     * end of the request, advancing r->cursor, issuing file operations
+     * (vdk_req_file_*) as needed; return 0 when all is issued, VDK_WAIT
+     * when parked, or -errno.  NULL: discard is a no-op and write_zeroes is
+     * emulated by writing zero buffers (so is -ENOTSUP from write_zeroes).
+     */
+    int (*discard)(VdkNode *n, VdkRequest *r);
+    int (*write_zeroes)(VdkNode *n, VdkRequest *r);
+    /*
+     * flush: write back dirty metadata and make everything durable,
+     * including the node's own fdatasync (the block layer syncs files
+     * itself only for drivers without this hook).  Issue the work as
+     * children and sub-requests of @r; return 0 (the request completes when
+     * they do), VDK_WAIT (parked), or -errno.  r->flags & VDK_FLUSH_FINAL:
+     * the image is being closed (write everything a clean close needs).
+     */
     int (*flush)(VdkNode *n, VdkRequest *r);
     /* Change the virtual size.  Blocking; no I/O in flight. */
     bool (*truncate)(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);
@@ -218,8 +290,8 @@ struct VdkFormat {
     const VdkOptionDesc *open_opts;
     /* Fill format-specific info. NULL: nothing beyond size. */
     void (*info)(VdkNode *n, VdkInfo *info);
-    /* qemu-img check; NULL: "This image format does not support checks". */
-    void *check;
+    /* qemu-img check.  NULL: "This image format does not support checks". */
+    bool (*check)(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;
@@ -239,6 +311,8 @@ struct VdkNode {
     VdkImage *img;
     VdkFile *file;
     VdkNode *backing; /* NULL: unallocated reads as zeroes */
+    char *backing_name; /* as recorded in the image (driver sets at open) */
+    char *backing_fmt;  /* recorded backing format, or NULL */
     char *filename;
     uint64_t size;    /* guest-visible bytes */
     bool read_only;
@@ -273,7 +347,13 @@ typedef enum {
     VDK_OP_DISCARD,
     VDK_OP_WRITE_ZEROES,
     VDK_OP_BLOCK_STATUS,
+    VDK_OP_NONE, /* internal: only children and sub-requests (vdk_subreq) */
 } VdkOp;
+
+/* Flush flags (internal). */
+enum {
+    VDK_FLUSH_FINAL = 1u << 8, /* closing: write what a clean close needs */
+};
 
 #define VDK_REQ_INLINE_IOV 4
 
@@ -301,6 +381,10 @@ struct VdkRequest {
     void *done_opaque;
     VdkRequest *parent;
     VdkRequest *next;
+    VdkRequest *wait_next; /* on a driver's waiter list while parked */
+    bool parked;
+    uint32_t phase;        /* multi-step internal requests (driver use) */
+    void *driver_data;     /* per-request driver state (driver use) */
     struct iovec iov_inline[VDK_REQ_INLINE_IOV];
     bool iov_heap;
 };
@@ -353,6 +437,27 @@ void vdk_req_file_flush(VdkRequest *r, VdkFile *f);
 /* Record an error on @r (the first one wins). */
 void vdk_req_set_error(VdkRequest *r, int err);
 
+/*
+ * Sub-requests: an internal request of @parent that only groups children
+ * (file I/O) and further sub-requests.  @parent waits for it.  When all its
+ * work is done, @done(sub) runs (sub->error holds the first error; done may
+ * start more work on the parent), then the error passes to the parent.
+ * Nothing completes before vdk_subreq_launch(), so work can be added first.
+ */
+VdkRequest *vdk_subreq(VdkRequest *parent, VdkRequestDone *done, void *opaque);
+void vdk_subreq_launch(VdkRequest *sub);
+/* Read [off, off+len) of node @n into the iovec (copied) for @parent. */
+VdkRequest *vdk_request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct iovec *iov,
+                                  int iovcnt, uint64_t len);
+/* A request a driver parked (VDK_WAIT) can go on.  @cur is the queue whose
+ * thread is running now (NULL if none): the request continues on its own
+ * queue's thread either way. */
+void vdk_request_resume(VdkRequest *r, VdkQueue *cur);
+/* Called when a child or sub-request of @r finishes. */
+void vdk_request_child_done(VdkRequest *r);
+/* A shared, aligned, read-only buffer of zeroes and its length. */
+const void *vdk_zero_buffer(size_t *len);
+
 struct VdkQueue {
     VdkImage *img;
     const VdkIoEngine *engine;
@@ -375,6 +480,8 @@ struct VdkQueue {
     VdkChild *ready;        /* children to (re)start on this thread */
     GMutex wake_lock;       /* cross-thread wake-ups */
     VdkChild *woken;
+    VdkRequest *woken_reqs; /* resumed from other threads (wake_lock) */
+    VdkRequest *ready_reqs; /* resumed on this thread */
     bool in_reap;
     bool fd_exposed;        /* vdk_queue_get_fd() was called */
 };
@@ -390,7 +497,8 @@ void vdk_queue_complete_later(VdkQueue *q, VdkIoReq *io);
 /* Run the queue until @r-like conditions hold: used by the sync API. */
 int vdk_queue_run_until_idle(VdkQueue *q);
 
-/* Sync helper: run one request to completion on the image's private queue. */
+/* Sync helper: run one request to completion on the image's private queue.
+ * @flags may include internal flags (VDK_FLUSH_FINAL). */
 int vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint64_t len, unsigned flags,
                            VdkBlockStatus *bs);
 

@@ -47,6 +47,15 @@
 /* Largest O_DIRECT alignment we accept from probing. */
 #define MAX_ALIGN 65536u
 
+static const void *zero_buffer(void);
+
+const void *
+vdk_zero_buffer(size_t *len)
+{
+    *len = ZERO_BUF_SIZE;
+    return zero_buffer();
+}
+
 static const void *
 zero_buffer(void)
 {
@@ -547,8 +556,6 @@ child_iov(VdkChild *c, int n)
     }
     return c->iov_heap;
 }
-
-void vdk_request_child_done(VdkRequest *r);
 
 static void untrack(VdkChild *c);
 

@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "block/block.h"
 
@@ -145,11 +146,66 @@ node_free(VdkNode *n)
     vdk_file_close(n->file);
     g_mutex_clear(&n->lock);
     g_free(n->filename);
+    g_free(n->backing_name);
+    g_free(n->backing_fmt);
     g_free(n);
 }
 
+/* Files already in the chain (device, inode): a backing file that leads
+ * back into the chain is a loop. */
+typedef struct {
+    dev_t dev[VDK_MAX_CHAIN_DEPTH + 1];
+    ino_t ino[VDK_MAX_CHAIN_DEPTH + 1];
+    int n;
+} ChainSeen;
+
+static VdkNode *node_open(VdkImage *img, const char *filename, const char *format, bool read_only, int depth,
+                          ChainSeen *seen, GError **error);
+static bool chain_close(VdkNode *n, GError **error);
+
+/* Where a recorded backing name points: absolute names as they are,
+ * relative ones against the directory of the image that names them. */
+static char *
+backing_path(const VdkNode *n)
+{
+    if (g_path_is_absolute(n->backing_name)) {
+        return g_strdup(n->backing_name);
+    }
+    char *dir = g_path_get_dirname(n->filename);
+    char *p = g_build_filename(dir, n->backing_name, NULL);
+    g_free(dir);
+    return p;
+}
+
+static bool
+node_open_backing(VdkImage *img, VdkNode *n, ChainSeen *seen, GError **error)
+{
+    if (n->depth + 1 > VDK_MAX_CHAIN_DEPTH) {
+        g_set_error(error, VDK_ERROR, ELOOP, "backing chain is longer than %d images", VDK_MAX_CHAIN_DEPTH);
+        return false;
+    }
+    if (strncmp(n->backing_name, "json:", 5) == 0 || strstr(n->backing_name, "://")) {
+        g_set_error(error, VDK_ERROR, EINVAL, "backing file '%s': protocol and json: names are not supported",
+                    n->backing_name);
+        return false;
+    }
+    char *path = backing_path(n);
+    GError *err = NULL;
+    VdkNode *b = node_open(img, path, n->backing_fmt, true, n->depth + 1, seen, &err);
+    if (!b) {
+        g_set_error(error, VDK_ERROR, err->code, "cannot open backing file '%s': %s", path, err->message);
+        g_error_free(err);
+        g_free(path);
+        return false;
+    }
+    g_free(path);
+    n->backing = b;
+    return true;
+}
+
 static VdkNode *
-node_open(VdkImage *img, const char *filename, const char *format, bool read_only, int depth, GError **error)
+node_open(VdkImage *img, const char *filename, const char *format, bool read_only, int depth, ChainSeen *seen,
+          GError **error)
 {
     VdkNode *n = g_new0(VdkNode, 1);
     g_mutex_init(&n->lock);
@@ -162,6 +218,21 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
     if (!n->file) {
         node_free(n);
         return NULL;
+    }
+    struct stat st;
+    if (fstat(n->file->fd, &st) == 0) {
+        for (int i = 0; i < seen->n; i++) {
+            if (seen->dev[i] == st.st_dev && seen->ino[i] == st.st_ino) {
+                g_set_error(error, VDK_ERROR, ELOOP, "backing chain loops back to '%s'", filename);
+                node_free(n);
+                return NULL;
+            }
+        }
+        if (seen->n < (int)G_N_ELEMENTS(seen->dev)) {
+            seen->dev[seen->n] = st.st_dev;
+            seen->ino[seen->n] = st.st_ino;
+            seen->n++;
+        }
     }
 
     if (format) {
@@ -209,6 +280,10 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
         node_free(n);
         return NULL;
     }
+    if (n->backing_name && !node_open_backing(img, n, seen, error)) {
+        chain_close(n, NULL);
+        return NULL;
+    }
     return n;
 }
 
@@ -220,6 +295,27 @@ node_close(VdkNode *n, GError **error)
         ok = n->drv->close(n, error);
     }
     node_free(n);
+    return ok;
+}
+
+/* Close a node and everything below it. */
+static bool
+chain_close(VdkNode *n, GError **error)
+{
+    bool ok = true;
+    while (n) {
+        VdkNode *next = n->backing;
+        GError *err = NULL;
+        if (!node_close(n, &err)) {
+            if (ok) {
+                g_propagate_error(error, err);
+            } else {
+                g_clear_error(&err);
+            }
+            ok = false;
+        }
+        n = next;
+    }
     return ok;
 }
 
@@ -277,7 +373,8 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
         g_log("vdk", G_LOG_LEVEL_DEBUG, "aio=auto: %s", img->engine_reason);
     }
 
-    img->top = node_open(img, filename, img->opts.format, img->opts.read_only, 0, error);
+    ChainSeen seen = {.n = 0};
+    img->top = node_open(img, filename, img->opts.format, img->opts.read_only, 0, &seen, error);
     if (!img->top) {
         vdk_image_close(img, NULL);
         return NULL;
@@ -296,28 +393,27 @@ vdk_image_close(VdkImage *img, GError **error)
         return true;
     }
     bool ok = true;
+    int live = g_atomic_int_get(&img->queues) - (img->sync_q ? 1 : 0);
+    if (live != 0) {
+        g_log("vdk", G_LOG_LEVEL_CRITICAL, "vdk_image_close: %d queue(s) still open", live);
+    }
+    if (img->top && !img->top->read_only) {
+        /* Write back what the format keeps in memory (a clean close). */
+        int r = vdk_image_sync_request(img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_FINAL, NULL);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "writing back metadata on close failed: %s", g_strerror(-r));
+            ok = false;
+        }
+    }
     if (img->sync_q) {
         vdk_queue_free(img->sync_q);
         img->sync_q = NULL;
     }
-    if (g_atomic_int_get(&img->queues) != 0) {
-        g_log("vdk", G_LOG_LEVEL_CRITICAL, "vdk_image_close: %d queue(s) still open",
-              g_atomic_int_get(&img->queues));
+    GError *err = NULL;
+    if (!chain_close(img->top, ok ? error : &err)) {
+        ok = false;
     }
-    VdkNode *n = img->top;
-    while (n) {
-        VdkNode *next = n->backing;
-        GError *err = NULL;
-        if (!node_close(n, &err)) {
-            if (ok) {
-                g_propagate_error(error, err);
-            } else {
-                g_clear_error(&err);
-            }
-            ok = false;
-        }
-        n = next;
-    }
+    g_clear_error(&err);
     g_free(img->opts.format);
     g_free(img->opts.engine);
     if (img->opts.extra) {

@@ -40,6 +40,7 @@ void vdk_queue_free_children(VdkQueue *q);
 void vdk_request_child_done(VdkRequest *r);
 
 static void request_step(VdkRequest *r);
+static int queue_run_resumed(VdkQueue *q);
 
 /* ------------------------------------------------------------------------ */
 /* Engine plumbing                                                           */
@@ -188,11 +189,18 @@ request_complete(VdkRequest *r)
 {
     VdkQueue *q = r->q;
     if (!r->user) {
-        VdkRequestDone *done = r->done;
-        if (done) {
-            done(r);
+        /* done() may add work to the parent first; the parent then learns
+         * the outcome and loses the pending count this request held. */
+        VdkRequest *parent = r->parent;
+        int err = r->error;
+        if (r->done) {
+            r->done(r);
         }
         request_free(r);
+        if (parent) {
+            vdk_req_set_error(parent, err);
+            vdk_request_child_done(parent);
+        }
         return;
     }
     int64_t result = r->error;
@@ -225,6 +233,26 @@ vdk_request_child_done(VdkRequest *r)
         return;
     }
     request_complete(r);
+}
+
+VdkRequest *
+vdk_subreq(VdkRequest *parent, VdkRequestDone *done, void *opaque)
+{
+    VdkRequest *sub = vdk_request_new_internal(parent->q, parent->node, VDK_OP_NONE);
+    sub->parent = parent;
+    sub->done = done;
+    sub->done_opaque = opaque;
+    sub->flags = parent->flags & VDK_REQ_FUA;
+    sub->started = true;
+    sub->pending = 1; /* until vdk_subreq_launch() */
+    parent->pending++;
+    return sub;
+}
+
+void
+vdk_subreq_launch(VdkRequest *sub)
+{
+    vdk_request_child_done(sub);
 }
 
 /* Find the iovec slice [off, off+len) of an iovec array. Returns the
@@ -272,8 +300,9 @@ iov_memset(const struct iovec *iov, int cnt, uint64_t off, uint64_t len)
     }
 }
 
+/* Copy between a flat buffer and [off, off+len) of an iovec array. */
 static void
-iov_copy_out(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len)
+iov_copy(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len, bool to_iov)
 {
     int i = 0;
     while (i < cnt && off >= iov[i].iov_len) {
@@ -284,7 +313,11 @@ iov_copy_out(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t
     while (len > 0 && i < cnt) {
         size_t avail = iov[i].iov_len - (size_t)off;
         size_t take = (size_t)MIN((uint64_t)avail, len);
-        memcpy(p, (char *)iov[i].iov_base + off, take);
+        if (to_iov) {
+            memcpy((char *)iov[i].iov_base + off, p, take);
+        } else {
+            memcpy(p, (char *)iov[i].iov_base + off, take);
+        }
         p += take;
         len -= take;
         off = 0;
@@ -324,12 +357,22 @@ slice_free(IovSlice *s)
     }
 }
 
-static void
-backing_read_done(VdkRequest *sub)
+VdkRequest *
+vdk_request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct iovec *iov, int iovcnt,
+                      uint64_t len)
 {
-    VdkRequest *parent = sub->parent;
-    vdk_req_set_error(parent, sub->error);
-    vdk_request_child_done(parent);
+    VdkRequest *sub = vdk_request_new_internal(parent->q, n, VDK_OP_READ);
+    if (!request_set_iov(sub, iov, iovcnt)) {
+        request_free(sub);
+        vdk_req_set_error(parent, -ENOMEM);
+        return NULL;
+    }
+    sub->offset = off;
+    sub->len = len;
+    sub->parent = parent;
+    parent->pending++;
+    vdk_request_start(sub);
+    return sub;
 }
 
 /* Read [off, off+len) of the request's range from the backing node (or
@@ -347,22 +390,13 @@ request_read_backing(VdkRequest *r, uint64_t off, uint64_t len)
     if (blen < len) {
         iov_memset(r->iov, r->iovcnt, rel + blen, len - blen);
     }
-    VdkRequest *sub = vdk_request_new_internal(r->q, b, VDK_OP_READ);
     IovSlice s;
-    if (!slice_get(r, rel, blen, &s) || !request_set_iov(sub, s.v, s.n)) {
-        slice_free(&s);
-        request_free(sub);
+    if (!slice_get(r, rel, blen, &s)) {
         vdk_req_set_error(r, -ENOMEM);
         return;
     }
+    vdk_request_read_node(r, b, off, s.v, s.n, blen);
     slice_free(&s);
-    sub->offset = off;
-    sub->len = blen;
-    sub->cursor = off;
-    sub->parent = r;
-    sub->done = backing_read_done;
-    r->pending++;
-    request_step(sub);
 }
 
 /* qemu's rule for probed raw images: a write must not make sector 0 look
@@ -379,7 +413,7 @@ request_check_sector0(VdkRequest *r)
     memcpy(buf, n->sector0, sizeof(buf));
     uint64_t end = MIN(r->offset + r->len, (uint64_t)sizeof(buf));
     if (r->op == VDK_OP_WRITE) {
-        iov_copy_out(r->iov, r->iovcnt, 0, buf + r->offset, end - r->offset);
+        iov_copy(r->iov, r->iovcnt, 0, buf + r->offset, end - r->offset, false);
     } else {
         memset(buf + r->offset, 0, (size_t)(end - r->offset));
     }
@@ -393,8 +427,191 @@ request_check_sector0(VdkRequest *r)
     return 0;
 }
 
-/* Dispatch a read or write: map extent after extent. */
+/* ------------------------------------------------------------------------ */
+/* Compressed extents: read, decompress, copy out                            */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    VdkRequest *r;
+    uint64_t rel;        /* where in r's buffers */
+    uint64_t skip, len;  /* which bytes of the unit */
+    size_t comp_len;
+    uint32_t unit_size;
+    void *cbuf;
+    void *ubuf;
+} CompOp;
+
 static void
+comp_done(VdkRequest *sub)
+{
+    CompOp *op = sub->done_opaque;
+    VdkNode *n = op->r->node;
+    if (sub->error == 0) {
+        int ret = n->drv->decompress(n, op->cbuf, op->comp_len, op->ubuf, op->unit_size);
+        if (ret < 0) {
+            vdk_req_set_error(sub, ret);
+        } else {
+            iov_copy(op->r->iov, op->r->iovcnt, op->rel, (char *)op->ubuf + op->skip, op->len, true);
+        }
+    }
+    free(op->cbuf);
+    g_free(op->ubuf);
+    g_free(op);
+}
+
+static void
+request_read_compressed(VdkRequest *r, const VdkExtent *ext)
+{
+    CompOp *op = g_new0(CompOp, 1);
+    op->r = r;
+    op->rel = r->cursor - r->offset;
+    op->skip = r->cursor - ext->unit_offset;
+    op->len = ext->len;
+    op->comp_len = (size_t)ext->comp_len;
+    op->unit_size = ext->unit_size;
+    op->ubuf = g_try_malloc(ext->unit_size);
+    if (posix_memalign(&op->cbuf, 4096, MAX(op->comp_len, (size_t)1)) != 0) {
+        op->cbuf = NULL;
+    }
+    if (!op->ubuf || !op->cbuf || op->skip + op->len > ext->unit_size) {
+        free(op->cbuf);
+        g_free(op->ubuf);
+        g_free(op);
+        vdk_req_set_error(r, op->skip + op->len > ext->unit_size ? -EIO : -ENOMEM);
+        return;
+    }
+    VdkRequest *sub = vdk_subreq(r, comp_done, op);
+    struct iovec v = {op->cbuf, op->comp_len};
+    vdk_req_file_rw(sub, ext->file, false, ext->host_offset, &v, 1, op->comp_len, 0);
+    vdk_subreq_launch(sub);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Allocating writes: copy-on-write reads, one write, driver commit          */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    VdkRequest *r;
+    VdkAlloc *a;
+    uint64_t rel, len;   /* the request's bytes: r's buffers at rel */
+    void *head, *tail;
+    uint64_t head_len, tail_len;
+} AllocOp;
+
+static void
+alloc_op_free(AllocOp *op)
+{
+    free(op->head);
+    free(op->tail);
+    g_free(op);
+}
+
+static void
+alloc_write_done(VdkRequest *sub)
+{
+    AllocOp *op = sub->done_opaque;
+    VdkNode *n = op->r->node;
+    n->drv->alloc_done(n, op->a, sub->error, sub->q);
+    alloc_op_free(op);
+}
+
+static void
+alloc_cow_done(VdkRequest *sub)
+{
+    AllocOp *op = sub->done_opaque;
+    VdkRequest *r = op->r;
+    VdkNode *n = r->node;
+    if (sub->error) {
+        n->drv->alloc_done(n, op->a, sub->error, sub->q);
+        alloc_op_free(op);
+        return;
+    }
+    IovSlice s;
+    if (!slice_get(r, op->rel, op->len, &s)) {
+        n->drv->alloc_done(n, op->a, -ENOMEM, sub->q);
+        vdk_req_set_error(sub, -ENOMEM);
+        alloc_op_free(op);
+        return;
+    }
+    struct iovec *v = g_new(struct iovec, (gsize)s.n + 2);
+    int cnt = 0;
+    if (op->head_len) {
+        v[cnt].iov_base = op->head;
+        v[cnt].iov_len = (size_t)op->head_len;
+        cnt++;
+    }
+    memcpy(v + cnt, s.v, sizeof(*v) * (size_t)s.n);
+    cnt += s.n;
+    if (op->tail_len) {
+        v[cnt].iov_base = op->tail;
+        v[cnt].iov_len = (size_t)op->tail_len;
+        cnt++;
+    }
+    slice_free(&s);
+    VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
+    vdk_req_file_rw(w, op->a->file, true, op->a->host_offset, v, cnt, op->head_len + op->len + op->tail_len,
+                    r->flags);
+    g_free(v);
+    vdk_subreq_launch(w);
+}
+
+static void
+request_write_alloc(VdkRequest *r, const VdkExtent *ext)
+{
+    VdkAlloc *a = ext->alloc;
+    VdkNode *n = r->node;
+    AllocOp *op = g_new0(AllocOp, 1);
+    op->r = r;
+    op->a = a;
+    op->rel = r->cursor - r->offset;
+    op->len = ext->len;
+    if (!a->cow) {
+        /* The rest of the new space needs nothing: write the bytes alone. */
+        IovSlice s;
+        if (!slice_get(r, op->rel, op->len, &s)) {
+            n->drv->alloc_done(n, a, -ENOMEM, r->q);
+            vdk_req_set_error(r, -ENOMEM);
+            g_free(op);
+            return;
+        }
+        VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
+        vdk_req_file_rw(w, a->file, true, a->host_offset + (r->cursor - a->guest_start), s.v, s.n, op->len,
+                        r->flags);
+        slice_free(&s);
+        vdk_subreq_launch(w);
+        return;
+    }
+    op->head_len = r->cursor - a->guest_start;
+    op->tail_len = a->guest_end - (r->cursor + ext->len);
+    VdkRequest *sub = vdk_subreq(r, alloc_cow_done, op);
+    if (op->head_len && posix_memalign(&op->head, 4096, (size_t)op->head_len) != 0) {
+        op->head = NULL;
+        vdk_req_set_error(sub, -ENOMEM);
+    }
+    if (op->tail_len && posix_memalign(&op->tail, 4096, (size_t)op->tail_len) != 0) {
+        op->tail = NULL;
+        vdk_req_set_error(sub, -ENOMEM);
+    }
+    if (sub->error == 0) {
+        if (op->head_len) {
+            struct iovec v = {op->head, (size_t)op->head_len};
+            vdk_request_read_node(sub, n, a->guest_start, &v, 1, op->head_len);
+        }
+        if (op->tail_len) {
+            struct iovec v = {op->tail, (size_t)op->tail_len};
+            vdk_request_read_node(sub, n, r->cursor + ext->len, &v, 1, op->tail_len);
+        }
+    }
+    vdk_subreq_launch(sub);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stepping requests                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* Dispatch a read or write: map extent after extent.  Returns VDK_WAIT if
+ * the driver parked the request. */
+static int
 request_step_rw(VdkRequest *r)
 {
     VdkNode *n = r->node;
@@ -405,6 +622,9 @@ request_step_rw(VdkRequest *r)
         VdkExtent ext;
         memset(&ext, 0, sizeof(ext));
         int ret = n->drv->map(n, r->cursor, end - r->cursor, is_write ? VDK_MAP_WRITE : 0, &ext, r);
+        if (ret == VDK_WAIT) {
+            return VDK_WAIT;
+        }
         if (ret < 0) {
             vdk_req_set_error(r, ret);
             break;
@@ -439,27 +659,42 @@ request_step_rw(VdkRequest *r)
                 request_read_backing(r, r->cursor, ext.len);
             }
             break;
+        case VDK_EXT_COMPRESSED:
+            if (is_write || !n->drv->decompress) {
+                vdk_req_set_error(r, -EIO);
+            } else {
+                request_read_compressed(r, &ext);
+            }
+            break;
+        case VDK_EXT_ALLOC:
+            if (!is_write || !ext.alloc || !n->drv->alloc_done) {
+                vdk_req_set_error(r, -EIO);
+            } else {
+                request_write_alloc(r, &ext);
+            }
+            break;
         default:
             vdk_req_set_error(r, -EIO);
             break;
         }
         r->cursor += ext.len;
     }
+    return 0;
 }
 
 /* Block status through the chain: the first layer that has the range. */
 static int
-node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out)
+node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out, VdkRequest *r)
 {
     VdkExtent ext;
     memset(&ext, 0, sizeof(ext));
     int ret;
     if (n->drv->block_status) {
-        ret = n->drv->block_status(n, off, len, &ext);
+        ret = n->drv->block_status(n, off, len, &ext, r);
     } else {
-        ret = n->drv->map(n, off, len, 0, &ext, NULL);
+        ret = n->drv->map(n, off, len, 0, &ext, r);
     }
-    if (ret < 0) {
+    if (ret != 0) {
         return ret;
     }
     if (ext.len == 0 || ext.len > len) {
@@ -474,6 +709,9 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out)
         out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED | VDK_BS_OFFSET_VALID;
         out->host_offset = ext.host_offset;
         return 0;
+    case VDK_EXT_COMPRESSED:
+        out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED;
+        return 0;
     case VDK_EXT_ZERO:
         out->flags = VDK_BS_ZERO | VDK_BS_ALLOCATED;
         if (ext.host_valid) {
@@ -483,7 +721,7 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out)
         return 0;
     case VDK_EXT_UNALLOC:
         if (n->backing && off < n->backing->size) {
-            return node_block_status(n->backing, off, MIN(ext.len, n->backing->size - off), out);
+            return node_block_status(n->backing, off, MIN(ext.len, n->backing->size - off), out, r);
         }
         out->flags = VDK_BS_ZERO;
         return 0;
@@ -491,71 +729,189 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out)
     return -EIO;
 }
 
+/* write_zeroes emulated with zero buffers, one chunk at a time. */
+static void zero_emul_next(VdkRequest *r);
+
 static void
-request_step(VdkRequest *r)
+zero_emul_done(VdkRequest *sub)
+{
+    VdkRequest *r = sub->parent;
+    if (sub->error == 0 && r->cursor < r->offset + r->len) {
+        zero_emul_next(r);
+    }
+}
+
+static void
+zero_emul_next(VdkRequest *r)
+{
+    size_t zlen;
+    const void *z = vdk_zero_buffer(&zlen);
+    uint64_t n = MIN(r->offset + r->len - r->cursor, (uint64_t)zlen);
+    VdkRequest *w = vdk_request_new_internal(r->q, r->node, VDK_OP_WRITE);
+    struct iovec v = {(void *)z, (size_t)n};
+    request_set_iov(w, &v, 1);
+    w->offset = r->cursor;
+    w->len = n;
+    w->flags = r->flags & VDK_REQ_FUA;
+    w->parent = r;
+    w->done = zero_emul_done;
+    r->pending++;
+    r->cursor += n;
+    vdk_request_start(w);
+}
+
+/* One step of a request; VDK_WAIT if the driver parked it. */
+static int
+request_dispatch(VdkRequest *r)
 {
     VdkNode *n = r->node;
-    r->pending++; /* held while stepping */
+    int ret = 0;
     switch (r->op) {
     case VDK_OP_READ:
-        request_step_rw(r);
-        break;
-    case VDK_OP_WRITE: {
-        int ret = request_check_sector0(r);
-        if (ret < 0) {
-            vdk_req_set_error(r, ret);
-            break;
+        return request_step_rw(r);
+    case VDK_OP_WRITE:
+        if (r->phase == 0) {
+            r->phase = 1;
+            ret = request_check_sector0(r);
+            if (ret < 0) {
+                vdk_req_set_error(r, ret);
+                return 0;
+            }
         }
-        request_step_rw(r);
-        break;
-    }
+        return request_step_rw(r);
     case VDK_OP_FLUSH:
+        /* r->cursor counts the writable nodes already handed over. */
         for (VdkNode *x = n; x; x = x->backing) {
-            if (x->read_only) {
+            if (x->read_only || (uint64_t)x->depth < r->cursor) {
                 continue;
             }
             if (x->drv->flush) {
-                int ret = x->drv->flush(x, r);
+                ret = x->drv->flush(x, r);
+                if (ret == VDK_WAIT) {
+                    return VDK_WAIT;
+                }
                 if (ret < 0) {
                     vdk_req_set_error(r, ret);
-                    break;
+                    return 0;
                 }
+            } else if (!(r->flags & VDK_FLUSH_FINAL)) {
+                /* closing writes back metadata; raw has none to write */
+                vdk_req_file_flush(r, x->file);
             }
-            vdk_req_file_flush(r, x->file);
+            r->cursor = (uint64_t)x->depth + 1;
         }
-        break;
+        return 0;
     case VDK_OP_DISCARD:
         if (n->drv->discard) {
-            vdk_req_set_error(r, n->drv->discard(n, r, r->offset, r->len));
+            ret = n->drv->discard(n, r);
         }
         break;
-    case VDK_OP_WRITE_ZEROES: {
-        int ret = request_check_sector0(r);
-        if (ret == 0 && n->drv->write_zeroes) {
-            ret = n->drv->write_zeroes(n, r, r->offset, r->len, r->flags);
-        } else if (ret == 0) {
-            ret = -ENOTSUP;
+    case VDK_OP_WRITE_ZEROES:
+        if (r->phase == 0) {
+            r->phase = 1;
+            ret = request_check_sector0(r);
+            if (ret < 0) {
+                vdk_req_set_error(r, ret);
+                return 0;
+            }
         }
-        vdk_req_set_error(r, ret);
+        if (r->phase == 1) {
+            ret = n->drv->write_zeroes ? n->drv->write_zeroes(n, r) : -ENOTSUP;
+            if (ret == -ENOTSUP && !(r->flags & VDK_REQ_NO_FALLBACK)) {
+                r->phase = 2;
+                ret = 0;
+            }
+        }
+        if (r->phase == 2 && r->cursor < r->offset + r->len) {
+            zero_emul_next(r);
+        }
         break;
-    }
-    case VDK_OP_BLOCK_STATUS: {
-        int ret = node_block_status(n, r->offset, r->len, r->bs_out);
-        vdk_req_set_error(r, ret);
+    case VDK_OP_BLOCK_STATUS:
+        ret = node_block_status(n, r->offset, r->len, r->bs_out, r);
         break;
-    }
+    case VDK_OP_NONE:
+        break;
     default:
-        vdk_req_set_error(r, -EINVAL);
+        ret = -EINVAL;
         break;
+    }
+    if (ret == VDK_WAIT) {
+        return VDK_WAIT;
+    }
+    vdk_req_set_error(r, ret);
+    return 0;
+}
+
+static void
+request_step(VdkRequest *r)
+{
+    r->pending++; /* held while stepping, and while parked */
+    if (request_dispatch(r) == VDK_WAIT) {
+        r->parked = true;
+        return;
     }
     vdk_request_child_done(r);
+}
+
+/* A parked request's metadata is ready: step it again (its guard is still
+ * held from when it parked). */
+static void
+request_continue(VdkRequest *r)
+{
+    r->parked = false;
+    if (request_dispatch(r) == VDK_WAIT) {
+        r->parked = true;
+        return;
+    }
+    vdk_request_child_done(r);
+}
+
+void
+vdk_request_resume(VdkRequest *r, VdkQueue *cur)
+{
+    VdkQueue *q = r->q;
+    if (q == cur && q->in_reap) {
+        r->wait_next = q->ready_reqs;
+        q->ready_reqs = r;
+        return;
+    }
+    g_mutex_lock(&q->wake_lock);
+    r->wait_next = q->woken_reqs;
+    q->woken_reqs = r;
+    g_mutex_unlock(&q->wake_lock);
+    vdk_io_eventfd_signal(q->efd);
+}
+
+/* Run requests resumed on (or for) this queue. */
+static int
+queue_run_resumed(VdkQueue *q)
+{
+    int n = 0;
+    g_mutex_lock(&q->wake_lock);
+    VdkRequest *w = q->woken_reqs;
+    q->woken_reqs = NULL;
+    g_mutex_unlock(&q->wake_lock);
+    while (w) {
+        VdkRequest *next = w->wait_next;
+        w->wait_next = q->ready_reqs;
+        q->ready_reqs = w;
+        w = next;
+    }
+    while (q->ready_reqs) {
+        VdkRequest *r = q->ready_reqs;
+        q->ready_reqs = r->wait_next;
+        r->wait_next = NULL;
+        request_continue(r);
+        n++;
+    }
+    return n;
 }
 
 void
 vdk_request_start(VdkRequest *r)
 {
     r->started = true;
-    r->cursor = r->offset;
+    r->cursor = r->op == VDK_OP_FLUSH ? 0 : r->offset;
     request_step(r);
 }
 
@@ -837,6 +1193,7 @@ queue_process(VdkQueue *q)
         int n = q->engine->reap(q->ctx);
         n += queue_run_deferred(q);
         vdk_queue_run_ready(q);
+        n += queue_run_resumed(q);
         queue_kick(q);
         if (n == 0) {
             break;
@@ -1006,7 +1363,7 @@ vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint
         ret = vdk_queue_write(q, offset, buf, (size_t)len, flags, 0);
         break;
     case VDK_OP_FLUSH:
-        ret = vdk_queue_flush(q, 0);
+        ret = queue_simple(q, VDK_OP_FLUSH, 0, 0, flags & VDK_FLUSH_FINAL, NULL, 0);
         break;
     case VDK_OP_DISCARD:
         ret = vdk_queue_discard(q, offset, len, 0);

@@ -58,14 +58,15 @@ raw_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ex
 }
 
 static int
-raw_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext)
+raw_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r)
 {
+    (void)r;
     uint64_t pnum = 0;
-    int r = vdk_file_seek_status(n->file, offset, len, &pnum);
-    if (r < 0) {
-        return r;
+    int st = vdk_file_seek_status(n->file, offset, len, &pnum);
+    if (st < 0) {
+        return st;
     }
-    ext->kind = r ? VDK_EXT_DATA : VDK_EXT_ZERO;
+    ext->kind = st ? VDK_EXT_DATA : VDK_EXT_ZERO;
     ext->host_valid = true;
     ext->len = pnum;
     ext->file = n->file;
@@ -74,16 +75,18 @@ raw_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext)
 }
 
 static int
-raw_discard(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len)
+raw_discard(VdkNode *n, VdkRequest *r)
 {
-    vdk_req_file_discard(r, n->file, offset, len);
+    vdk_req_file_discard(r, n->file, r->offset, r->len);
+    r->cursor = r->offset + r->len;
     return 0;
 }
 
 static int
-raw_write_zeroes(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, unsigned flags)
+raw_write_zeroes(VdkNode *n, VdkRequest *r)
 {
-    vdk_req_file_zero(r, n->file, offset, len, flags);
+    vdk_req_file_zero(r, n->file, r->offset, r->len, r->flags);
+    r->cursor = r->offset + r->len;
     return 0;
 }
 
