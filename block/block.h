@@ -98,6 +98,10 @@ void vdk_file_close(VdkFile *f);
 bool vdk_file_refresh_size(VdkFile *f, GError **error);
 /* Bytes allocated on the host. */
 uint64_t vdk_file_allocated_bytes(VdkFile *f);
+/* The descriptor an engine operation on [off, off+len) with a 4 KiB
+ * aligned buffer can use: the file's own, or its buffered twin when
+ * O_DIRECT alignment does not allow it.  -1 on failure. */
+int vdk_file_fd_for(VdkFile *f, uint64_t off, uint64_t len);
 /* Synchronous helpers for control paths (open/create/resize). */
 int vdk_file_pread_sync(VdkFile *f, void *buf, size_t len, uint64_t off);
 int vdk_file_pwrite_sync(VdkFile *f, const void *buf, size_t len, uint64_t off);
@@ -181,6 +185,7 @@ struct VdkOptionDesc {
     VdkOptType type;
     const char *help;
     const char *def; /* default shown by -o help, or NULL */
+    bool show;       /* create: qemu-img's "Formatting" line shows the default when not given */
 };
 
 /* Create: the block layer gives the driver temporary files that become
@@ -295,6 +300,7 @@ struct VdkFormat {
 };
 
 extern const VdkFormat vdk_format_raw;
+extern const VdkFormat vdk_format_qcow2;
 
 /* Every driver, in probe order. */
 extern const VdkFormat *const vdk_formats[];
@@ -353,6 +359,7 @@ typedef enum {
 /* Flush flags (internal). */
 enum {
     VDK_FLUSH_FINAL = 1u << 8, /* closing: write what a clean close needs */
+    VDK_FLUSH_EVICT = 1u << 9, /* a metadata cache is full: write it back, even with cache=unsafe */
 };
 
 #define VDK_REQ_INLINE_IOV 4
@@ -383,7 +390,8 @@ struct VdkRequest {
     VdkRequest *next;
     VdkRequest *wait_next; /* on a driver's waiter list while parked */
     bool parked;
-    uint32_t phase;        /* multi-step internal requests (driver use) */
+    uint32_t phase;        /* block layer's step within the request */
+    uint32_t drv_state;    /* the driver's own step (starts at 0) */
     void *driver_data;     /* per-request driver state (driver use) */
     struct iovec iov_inline[VDK_REQ_INLINE_IOV];
     bool iov_heap;
@@ -446,9 +454,10 @@ void vdk_req_set_error(VdkRequest *r, int err);
  */
 VdkRequest *vdk_subreq(VdkRequest *parent, VdkRequestDone *done, void *opaque);
 void vdk_subreq_launch(VdkRequest *sub);
-/* Read [off, off+len) of node @n into the iovec (copied) for @parent. */
-VdkRequest *vdk_request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct iovec *iov,
-                                  int iovcnt, uint64_t len);
+/* Read or write (@op) [off, off+len) of node @n from/into the iovec
+ * (copied) on behalf of @parent, through the node's normal path. */
+VdkRequest *vdk_request_io_node(VdkRequest *parent, VdkNode *n, VdkOp op, uint64_t off, const struct iovec *iov,
+                                int iovcnt, uint64_t len);
 /* A request a driver parked (VDK_WAIT) can go on.  @cur is the queue whose
  * thread is running now (NULL if none): the request continues on its own
  * queue's thread either way. */

@@ -298,6 +298,15 @@ file_buffered_fd(VdkFile *f)
 }
 
 int
+vdk_file_fd_for(VdkFile *f, uint64_t off, uint64_t len)
+{
+    if (!f->direct || (off % f->req_align == 0 && len % f->req_align == 0)) {
+        return f->fd;
+    }
+    return file_buffered_fd(f);
+}
+
+int
 vdk_file_pread_sync(VdkFile *f, void *buf, size_t len, uint64_t off)
 {
     int fd = file_buffered_fd(f);

@@ -86,6 +86,7 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 /* ------------------------------------------------------------------------ */
 
 const VdkFormat *const vdk_formats[] = {
+    &vdk_format_qcow2,
     &vdk_format_raw,
 };
 const size_t vdk_formats_count = G_N_ELEMENTS(vdk_formats);
@@ -171,10 +172,13 @@ backing_path(const VdkNode *n)
     if (g_path_is_absolute(n->backing_name)) {
         return g_strdup(n->backing_name);
     }
-    char *dir = g_path_get_dirname(n->filename);
-    char *p = g_build_filename(dir, n->backing_name, NULL);
-    g_free(dir);
-    return p;
+    /* Joined textually to the overlay's directory, as qemu does (so the
+     * names shown by info are the same: "mid.qcow2", "dir/mid.qcow2"). */
+    const char *slash = strrchr(n->filename, '/');
+    if (!slash) {
+        return g_strdup(n->backing_name);
+    }
+    return g_strdup_printf("%.*s%s", (int)(slash - n->filename + 1), n->filename, n->backing_name);
 }
 
 static bool

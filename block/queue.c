@@ -358,10 +358,10 @@ slice_free(IovSlice *s)
 }
 
 VdkRequest *
-vdk_request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct iovec *iov, int iovcnt,
-                      uint64_t len)
+vdk_request_io_node(VdkRequest *parent, VdkNode *n, VdkOp op, uint64_t off, const struct iovec *iov, int iovcnt,
+                    uint64_t len)
 {
-    VdkRequest *sub = vdk_request_new_internal(parent->q, n, VDK_OP_READ);
+    VdkRequest *sub = vdk_request_new_internal(parent->q, n, op);
     if (!request_set_iov(sub, iov, iovcnt)) {
         request_free(sub);
         vdk_req_set_error(parent, -ENOMEM);
@@ -373,6 +373,12 @@ vdk_request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct
     parent->pending++;
     vdk_request_start(sub);
     return sub;
+}
+
+static VdkRequest *
+request_read_node(VdkRequest *parent, VdkNode *n, uint64_t off, const struct iovec *iov, int iovcnt, uint64_t len)
+{
+    return vdk_request_io_node(parent, n, VDK_OP_READ, off, iov, iovcnt, len);
 }
 
 /* Read [off, off+len) of the request's range from the backing node (or
@@ -395,7 +401,7 @@ request_read_backing(VdkRequest *r, uint64_t off, uint64_t len)
         vdk_req_set_error(r, -ENOMEM);
         return;
     }
-    vdk_request_read_node(r, b, off, s.v, s.n, blen);
+    request_read_node(r, b, off, s.v, s.n, blen);
     slice_free(&s);
 }
 
@@ -595,11 +601,11 @@ request_write_alloc(VdkRequest *r, const VdkExtent *ext)
     if (sub->error == 0) {
         if (op->head_len) {
             struct iovec v = {op->head, (size_t)op->head_len};
-            vdk_request_read_node(sub, n, a->guest_start, &v, 1, op->head_len);
+            request_read_node(sub, n, a->guest_start, &v, 1, op->head_len);
         }
         if (op->tail_len) {
             struct iovec v = {op->tail, (size_t)op->tail_len};
-            vdk_request_read_node(sub, n, r->cursor + ext->len, &v, 1, op->tail_len);
+            request_read_node(sub, n, r->cursor + ext->len, &v, 1, op->tail_len);
         }
     }
     vdk_subreq_launch(sub);
@@ -724,6 +730,11 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out, V
             return node_block_status(n->backing, off, MIN(ext.len, n->backing->size - off), out, r);
         }
         out->flags = VDK_BS_ZERO;
+        if (ext.host_valid) {
+            /* space reserved in this layer (qcow2 subclusters) */
+            out->flags |= VDK_BS_OFFSET_VALID;
+            out->host_offset = ext.host_offset;
+        }
         return 0;
     }
     return -EIO;

@@ -147,9 +147,9 @@ raw_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
 }
 
 static const VdkOptionDesc raw_create_opts[] = {
-    {"size", VDK_OPT_SIZE, "Virtual disk size", NULL},
-    {"preallocation", VDK_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)", "off"},
-    {NULL, 0, NULL, NULL},
+    {"size", VDK_OPT_SIZE, "Virtual disk size", NULL, false},
+    {"preallocation", VDK_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)", "off", false},
+    {NULL, 0, NULL, NULL, false},
 };
 
 const VdkFormat vdk_format_raw = {

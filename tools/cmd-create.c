@@ -161,6 +161,9 @@ cmd_create(int argc, char **argv)
         g_string_append_printf(line, "Formatting '%s', fmt=%s", filename, fmt);
         for (const VdkOptionDesc *d = o->drv->create_opts; d && d->name; d++) {
             const char *v = vdk_create_opt(o, d->name);
+            if (!v && d->show && d->def) {
+                v = d->def;
+            }
             if (!v) {
                 continue;
             }

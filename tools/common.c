@@ -212,11 +212,25 @@ tool_parse_uint(const char *s, uint64_t max, uint64_t *out)
     return true;
 }
 
+static int
+optdesc_cmp(gconstpointer a, gconstpointer b)
+{
+    const VdkOptionDesc *x = *(const VdkOptionDesc *const *)a;
+    const VdkOptionDesc *y = *(const VdkOptionDesc *const *)b;
+    return strcmp(x->name, y->name);
+}
+
 void
 tool_print_create_help(const VdkFormat *drv)
 {
     printf("Supported %s options:\n", drv->name);
+    GPtrArray *sorted = g_ptr_array_new();
     for (const VdkOptionDesc *d = drv->create_opts; d && d->name; d++) {
+        g_ptr_array_add(sorted, (gpointer)d);
+    }
+    g_ptr_array_sort(sorted, optdesc_cmp);
+    for (guint i = 0; i < sorted->len; i++) {
+        const VdkOptionDesc *d = sorted->pdata[i];
         const char *type = d->type == VDK_OPT_SIZE ? "size"
                            : d->type == VDK_OPT_BOOL ? "bool (on/off)"
                            : d->type == VDK_OPT_NUMBER ? "num"
@@ -229,6 +243,7 @@ tool_print_create_help(const VdkFormat *drv)
         printf("\n");
         g_free(lhs);
     }
+    g_ptr_array_free(sorted, TRUE);
 }
 
 void

@@ -1,0 +1,296 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2.h - internal definitions of the qcow2 driver (see qcow2.c for what
+ * is supported).  Layout follows QEMU's docs/interop/qcow2.txt; all
+ * on-disk numbers are big endian and are converted at the edges.
+ */
+#ifndef VDK_QCOW2_H
+#define VDK_QCOW2_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "block/block.h"
+#include "block/metacache.h"
+
+#define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
+
+/* Limits.  QEMU's are the floor (images it makes must open here):
+ * cluster 512 B .. 2 MiB (QEMU's implementation limit), L1 table <= 32 MiB,
+ * refcount table <= 8 MiB, <= 65536 snapshots with a table <= 64 MiB,
+ * backing file names <= 1023 bytes (the spec), feature names 46 bytes. */
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_L1_BYTES (32u << 20)
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)
+#define QCOW2_MAX_SNAPSHOTS 65536
+#define QCOW2_MAX_SNAPSHOT_TABLE (64u << 20)
+#define QCOW2_MAX_BACKING_NAME 1023
+#define QCOW2_V3_HEADER_MIN 104
+/* Virtual sizes up to 2^61 (with 2 MiB clusters; smaller clusters are
+ * bounded by the L1 limit): offsets and products stay within int64. */
+#define QCOW2_MAX_VIRTUAL_SIZE (1ULL << 61)
+
+/* Header extension types */
+#define QCOW2_EXT_END 0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT 0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_BITMAPS 0x23852875u
+#define QCOW2_EXT_CRYPTO 0x0537be77u
+#define QCOW2_EXT_DATA_FILE 0x44415441u
+
+/* Feature bits */
+#define QCOW2_INCOMPAT_DIRTY (1ULL << 0)
+#define QCOW2_INCOMPAT_CORRUPT (1ULL << 1)
+#define QCOW2_INCOMPAT_DATA_FILE (1ULL << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ULL << 3)
+#define QCOW2_INCOMPAT_EXTL2 (1ULL << 4)
+#define QCOW2_INCOMPAT_SUPPORTED                                                                              \
+    (QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_COMPRESSION | QCOW2_INCOMPAT_EXTL2)
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ULL << 0)
+#define QCOW2_AUTOCLEAR_BITMAPS (1ULL << 0)
+
+/* L1 / L2 / refcount table entries */
+#define QCOW2_OFFSET_MASK 0x00fffffffffffe00ULL
+#define QCOW2_L1_RESERVED 0x7f000000000001ffULL
+#define QCOW2_L2_STD_RESERVED 0x3f000000000001feULL
+#define QCOW2_REFT_RESERVED 0x00000000000001ffULL
+#define QCOW2_OFLAG_COPIED (1ULL << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ULL << 62)
+#define QCOW2_OFLAG_ZERO (1ULL << 0)
+
+enum {
+    QCOW2_COMPRESSION_ZLIB = 0,
+    QCOW2_COMPRESSION_ZSTD = 1,
+};
+
+typedef struct Qcow2Snapshot {
+    uint64_t l1_offset;
+    uint32_t l1_size;
+    char *id;
+    char *name;
+    uint64_t disk_size;
+    uint32_t date_sec, date_nsec;
+    uint64_t vm_clock_nsec;
+    uint64_t vm_state_size;
+    uint64_t icount;
+    bool has_icount;
+} Qcow2Snapshot;
+
+typedef struct Qcow2Alloc Qcow2Alloc;
+
+/* Reference-count changes that wait until the metadata that dropped the
+ * references is durable (freeing in reverse order of allocation). */
+typedef struct {
+    uint64_t offset; /* host cluster offset */
+    uint32_t count;  /* clusters */
+} Qcow2Free;
+
+typedef struct Qcow2 {
+    VdkNode *node;
+    VdkFile *file;
+
+    /* header */
+    uint32_t version;
+    uint32_t cluster_bits;
+    uint32_t cluster_size;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_offset;
+    uint64_t reftable_offset;
+    uint32_t reftable_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    uint64_t incompatible, compatible, autoclear;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+    uint8_t *hdr;       /* the header cluster as read (patched in place) */
+    uint32_t hdr_used;  /* bytes of it that hold header, extensions, backing name */
+    bool hdr_dirty;
+
+    /* derived */
+    bool extl2;
+    uint32_t l2_entry_size;   /* 8 or 16 */
+    uint32_t l2_bits;         /* log2(entries per L2 table) */
+    uint64_t l2_entries;
+    uint32_t sc_bits;         /* log2(subcluster size) (extended L2) */
+    uint32_t refcount_bits;
+    uint32_t refblock_bits;   /* log2(entries per refcount block) */
+    uint64_t refcount_max;
+    uint32_t csize_shift;     /* compressed descriptors */
+    uint64_t csize_mask;
+    uint64_t coffset_mask;
+    bool lazy_refcounts;
+    bool has_bitmaps;
+
+    /* tables */
+    uint64_t *l1;             /* host order */
+    uint64_t l1_dirty_lo, l1_dirty_hi; /* dirty index range [lo, hi) */
+    uint64_t *reftable;       /* host order */
+    uint64_t reftable_size;   /* entries in memory (may exceed the disk table) */
+    uint64_t reftable_dirty_lo, reftable_dirty_hi;
+    bool reftable_moved;      /* grown: to be written at reftable_offset */
+    uint64_t old_reftable_offset;
+    uint32_t old_reftable_clusters;
+    Qcow2Snapshot *snapshots;
+
+    VdkMetaCache *l2c;
+    VdkMetaCache *rc;
+    GHashTable *refblocks;    /* cluster indexes holding refcount blocks */
+
+    /* allocation: at the end of the image (freed clusters are given back
+     * to the filesystem by punching holes, not reused) */
+    uint64_t next_free;
+    uint64_t comp_cluster;    /* cluster holding packed compressed data, or 0 */
+    uint64_t comp_used;       /* bytes used in it */
+    Qcow2Alloc *allocs;       /* allocating writes in flight */
+    GArray *frees;            /* Qcow2Free, applied after the next durable flush */
+
+    /* state */
+    bool dirty_on_disk;       /* the header says dirty (lazy refcounts) */
+    bool corrupt;
+    bool wb_running;
+    VdkRequest *wb_waiters;
+} Qcow2;
+
+struct Qcow2Alloc {
+    VdkAlloc base;
+    uint64_t slice_off;       /* L2 slice holding the entries */
+    VdkMetaEntry *slice;      /* pinned */
+    uint64_t first_index;     /* index of the first entry within the slice */
+    uint32_t nclusters;
+    bool fresh_host;          /* host clusters allocated for this write */
+    uint32_t sc_mask;         /* extended L2: subclusters written (one cluster) */
+    uint64_t *old;            /* old L2 entries (first words) */
+    VdkRequest *waiters;
+    Qcow2Alloc *next;
+};
+
+/* ------------------------------------------------------------------------ */
+/* Endian helpers                                                            */
+/* ------------------------------------------------------------------------ */
+
+static inline uint16_t
+qbe16(const uint8_t *p)
+{
+    return (uint16_t)(((unsigned)p[0] << 8) | p[1]);
+}
+
+static inline uint32_t
+qbe32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline uint64_t
+qbe64(const uint8_t *p)
+{
+    return ((uint64_t)qbe32(p) << 32) | qbe32(p + 4);
+}
+
+static inline void
+qput16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void
+qput32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+static inline void
+qput64(uint8_t *p, uint64_t v)
+{
+    qput32(p, (uint32_t)(v >> 32));
+    qput32(p + 4, (uint32_t)v);
+}
+
+static inline uint64_t
+qcow2_align(const Qcow2 *s, uint64_t v)
+{
+    return (v + s->cluster_size - 1) & ~(uint64_t)(s->cluster_size - 1);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Cross-file functions                                                      */
+/* ------------------------------------------------------------------------ */
+
+/* qcow2.c */
+int qcow2_decompress(VdkNode *n, const void *in, size_t in_len, void *out, size_t out_len);
+/* Compress one cluster into @out (capacity @out_cap): the size, 0 if it
+ * does not shrink, or -errno. */
+ssize_t qcow2_compress(const Qcow2 *s, const void *in, size_t in_len, void *out, size_t out_cap);
+/* Mark the image corrupt (lock held): no more writes; header updated at
+ * the next writeback.  Logs @why once.  Returns -EIO. */
+int qcow2_signal_corruption(Qcow2 *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
+/* Patch the in-memory header fields from the state. */
+void qcow2_update_header_buf(Qcow2 *s);
+bool qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error);
+
+/* qcow2-refcount.c */
+/* Allocate @n contiguous clusters at the end of the image with refcount
+ * 1.  Returns the offset, 0 with *ret = VDK_WAIT (r parked) or -errno. */
+uint64_t qcow2_alloc_clusters(Qcow2 *s, uint64_t n, VdkRequest *r, int *ret);
+/* Refcount of the cluster at @offset (r NULL: load synchronously). */
+int qcow2_get_refcount(Qcow2 *s, uint64_t offset, uint64_t *out, VdkRequest *r);
+/* Add @delta to the refcount of every cluster in [offset, offset+n*cs). */
+int qcow2_update_refcount(Qcow2 *s, uint64_t offset, uint64_t n, int64_t delta, VdkRequest *r);
+/* Queue a decrement for after the next durable writeback. */
+void qcow2_defer_free(Qcow2 *s, uint64_t offset, uint64_t nclusters);
+/* Compressed cluster descriptor -> host clusters it touches. */
+void qcow2_compressed_range(const Qcow2 *s, uint64_t l2e, uint64_t *off, uint64_t *len);
+
+/* qcow2-cluster.c */
+int qcow2_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r);
+void qcow2_alloc_done(VdkNode *n, VdkAlloc *a, int err, VdkQueue *q);
+int qcow2_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r);
+int qcow2_discard(VdkNode *n, VdkRequest *r);
+int qcow2_write_zeroes(VdkNode *n, VdkRequest *r);
+/* Read an L2 entry pair (entry, bitmap) from a slice buffer. */
+static inline uint64_t
+qcow2_l2_get(const Qcow2 *s, const void *slice, uint64_t i, uint64_t *bitmap)
+{
+    const uint8_t *p = (const uint8_t *)slice + i * s->l2_entry_size;
+    if (bitmap) {
+        *bitmap = s->extl2 ? qbe64(p + 8) : 0;
+    }
+    return qbe64(p);
+}
+static inline void
+qcow2_l2_set(const Qcow2 *s, void *slice, uint64_t i, uint64_t entry, uint64_t bitmap)
+{
+    uint8_t *p = (uint8_t *)slice + i * s->l2_entry_size;
+    qput64(p, entry);
+    if (s->extl2) {
+        qput64(p + 8, bitmap);
+    }
+}
+
+/* qcow2-flush.c */
+int qcow2_flush(VdkNode *n, VdkRequest *r);
+/* Start a writeback (eviction) from a queue's thread, lock not held. */
+void qcow2_writeback_async(Qcow2 *s, VdkQueue *q);
+/* Synchronous writeback for control paths (no I/O in flight). */
+int qcow2_writeback_sync(Qcow2 *s, bool final);
+
+/* qcow2-create.c */
+bool qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *opts, GError **error);
+extern const VdkOptionDesc qcow2_create_opts[];
+
+/* qcow2-check.c */
+bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
+/* Rebuild refcounts from the L1/L2 tables (lazy-refcount repair). */
+bool qcow2_repair_refcounts(Qcow2 *s, GError **error);
+
+/* qcow2-resize */
+bool qcow2_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);
+
+#endif
