@@ -376,11 +376,23 @@ test_probed_raw_sector0(void)
     g_assert_cmpint(vdk_image_pwrite(img, sec, sizeof(sec), 0, 0), ==, 0);
     vdk_image_close(img, NULL);
 
-    /* Now the file looks like qcow2: probing refuses to open it as raw. */
+    /* Now the file looks like qcow2: probing opens it as qcow2 (whose
+     * header checks then refuse this one), never as raw. */
+    vdk_open_options_set_format(o, NULL);
+    g_assert_null(vdk_image_open(p, o, &err));
+    g_assert_nonnull(strstr(err->message, "qcow2"));
+    g_clear_error(&err);
+    /* A format this build cannot open is refused by name. */
+    vdk_open_options_set_format(o, "raw");
+    img = vdk_image_open(p, o, &err);
+    memset(sec, 0, sizeof(sec));
+    memcpy(sec, "conectix", 8);
+    g_assert_cmpint(vdk_image_pwrite(img, sec, sizeof(sec), 0, 0), ==, 0);
+    vdk_image_close(img, NULL);
     vdk_open_options_set_format(o, NULL);
     g_assert_null(vdk_image_open(p, o, &err));
     g_assert_error(err, VDK_ERROR, ENOTSUP);
-    g_assert_nonnull(strstr(err->message, "qcow2"));
+    g_assert_nonnull(strstr(err->message, "vpc"));
     g_clear_error(&err);
     vdk_open_options_free(o);
     g_free(p);
