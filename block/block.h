@@ -159,6 +159,10 @@ struct VdkAlloc {
     VdkFile *file;
     uint64_t host_offset;
     bool cow;
+    /* when set, these bytes (a compressed cluster) are written at
+     * host_offset instead of the request's, without copy-on-write */
+    const void *payload;
+    size_t payload_len;
     void *opaque; /* driver */
 };
 
@@ -171,6 +175,8 @@ enum {
  * to wait for metadata: the driver keeps the request and calls
  * vdk_request_resume() when the step can be retried. */
 #define VDK_WAIT 1
+/* write_compressed(): the data does not compress; write it normally. */
+#define VDK_NOT_COMPRESSIBLE 2
 
 /* Option descriptions (create options, -o help). */
 typedef enum {
@@ -260,6 +266,14 @@ struct VdkFormat {
     /* ALLOC extents: the data and copy-on-write are written (err = 0) or
      * failed (err < 0); @q is the queue running this (for wake-ups). */
     void (*alloc_done)(VdkNode *n, VdkAlloc *a, int err, VdkQueue *q);
+    /*
+     * write_compressed: plan a compressed write of the cluster at @offset,
+     * whose bytes the driver copies from @r (vdk_req_copy_out) and
+     * compresses.  Returns 0 with an ALLOC extent whose payload is the
+     * compressed data, VDK_NOT_COMPRESSIBLE (the block layer writes it
+     * normally), VDK_WAIT, or -errno.  NULL: -ENOTSUP.
+     */
+    int (*write_compressed)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext);
     /* COMPRESSED extents: decompress @in into exactly @out_len bytes. */
     int (*decompress)(VdkNode *n, const void *in, size_t in_len, void *out, size_t out_len);
     /*
@@ -464,6 +478,8 @@ VdkRequest *vdk_request_io_node(VdkRequest *parent, VdkNode *n, VdkOp op, uint64
 void vdk_request_resume(VdkRequest *r, VdkQueue *cur);
 /* Called when a child or sub-request of @r finishes. */
 void vdk_request_child_done(VdkRequest *r);
+/* Copy @len bytes of @r's buffers, from guest offset @off, into @buf. */
+void vdk_req_copy_out(VdkRequest *r, uint64_t off, void *buf, uint64_t len);
 /* A shared, aligned, read-only buffer of zeroes and its length. */
 const void *vdk_zero_buffer(size_t *len);
 

@@ -224,11 +224,20 @@ vdk_request_child_done(VdkRequest *r)
     if (--r->pending > 0) {
         return;
     }
-    if ((r->flags & VDK_REQ_FUA) && r->op == VDK_OP_WRITE_ZEROES && r->error == 0) {
-        /* Zeroing by fallocate is not covered by RWF_DSYNC: sync after. */
+    if ((r->flags & VDK_REQ_FUA) && r->error == 0 &&
+        (r->op == VDK_OP_WRITE_ZEROES || (r->op == VDK_OP_WRITE && r->node->drv->flush))) {
+        /* Durable on completion, but RWF_DSYNC does not cover zeroing by
+         * fallocate nor a format's metadata: flush the node after. */
         r->flags &= ~(uint32_t)VDK_REQ_FUA;
         r->pending++;
-        vdk_req_file_flush(r, r->node->file);
+        if (r->node->drv->flush) {
+            VdkRequest *f = vdk_request_new_internal(r->q, r->node, VDK_OP_FLUSH);
+            f->parent = r;
+            r->pending++;
+            vdk_request_start(f);
+        } else {
+            vdk_req_file_flush(r, r->node->file);
+        }
         vdk_request_child_done(r);
         return;
     }
@@ -323,6 +332,12 @@ iov_copy(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len
         off = 0;
         i++;
     }
+}
+
+void
+vdk_req_copy_out(VdkRequest *r, uint64_t off, void *buf, uint64_t len)
+{
+    iov_copy(r->iov, r->iovcnt, off - r->offset, buf, len, false);
 }
 
 /* A slice of @r's buffers as a temporary iovec array (stack for small,
@@ -431,6 +446,14 @@ request_check_sector0(VdkRequest *r)
     memcpy(n->sector0, buf, sizeof(buf));
     g_mutex_unlock(&n->lock);
     return 0;
+}
+
+/* Flags for a request's data writes: FUA rides on each write (RWF_DSYNC)
+ * unless the node has metadata, in which case a flush follows instead. */
+static uint32_t
+request_io_flags(const VdkRequest *r)
+{
+    return r->node->drv->flush ? (r->flags & ~(uint32_t)VDK_REQ_FUA) : r->flags;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -556,7 +579,7 @@ alloc_cow_done(VdkRequest *sub)
     slice_free(&s);
     VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
     vdk_req_file_rw(w, op->a->file, true, op->a->host_offset, v, cnt, op->head_len + op->len + op->tail_len,
-                    r->flags);
+                    request_io_flags(r));
     g_free(v);
     vdk_subreq_launch(w);
 }
@@ -571,6 +594,13 @@ request_write_alloc(VdkRequest *r, const VdkExtent *ext)
     op->a = a;
     op->rel = r->cursor - r->offset;
     op->len = ext->len;
+    if (a->payload) {
+        VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
+        struct iovec v = {(void *)a->payload, a->payload_len};
+        vdk_req_file_rw(w, a->file, true, a->host_offset, &v, 1, a->payload_len, r->flags & ~(uint32_t)VDK_REQ_FUA);
+        vdk_subreq_launch(w);
+        return;
+    }
     if (!a->cow) {
         /* The rest of the new space needs nothing: write the bytes alone. */
         IovSlice s;
@@ -582,7 +612,7 @@ request_write_alloc(VdkRequest *r, const VdkExtent *ext)
         }
         VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
         vdk_req_file_rw(w, a->file, true, a->host_offset + (r->cursor - a->guest_start), s.v, s.n, op->len,
-                        r->flags);
+                        request_io_flags(r));
         slice_free(&s);
         vdk_subreq_launch(w);
         return;
@@ -627,7 +657,15 @@ request_step_rw(VdkRequest *r)
     while (r->cursor < end && r->error == 0) {
         VdkExtent ext;
         memset(&ext, 0, sizeof(ext));
-        int ret = n->drv->map(n, r->cursor, end - r->cursor, is_write ? VDK_MAP_WRITE : 0, &ext, r);
+        int ret = VDK_NOT_COMPRESSIBLE;
+        if (is_write && (r->flags & VDK_REQ_COMPRESS)) {
+            ret = n->drv->write_compressed ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
+                                           : -ENOTSUP;
+        }
+        if (ret == VDK_NOT_COMPRESSIBLE) {
+            /* not compressing this part: a normal write */
+            ret = n->drv->map(n, r->cursor, end - r->cursor, is_write ? VDK_MAP_WRITE : 0, &ext, r);
+        }
         if (ret == VDK_WAIT) {
             return VDK_WAIT;
         }
@@ -647,7 +685,7 @@ request_step_rw(VdkRequest *r)
                 vdk_req_set_error(r, -ENOMEM);
                 break;
             }
-            vdk_req_file_rw(r, ext.file, is_write, ext.host_offset, s.v, s.n, ext.len, r->flags);
+            vdk_req_file_rw(r, ext.file, is_write, ext.host_offset, s.v, s.n, ext.len, request_io_flags(r));
             slice_free(&s);
             break;
         }
@@ -1077,7 +1115,7 @@ queue_rw(VdkQueue *q, VdkOp op, uint64_t offset, const struct iovec *iov, int io
             return -EINVAL;
         }
     }
-    if (flags & ~(unsigned)VDK_REQ_FUA) {
+    if (flags & ~(unsigned)(VDK_REQ_FUA | (op == VDK_OP_WRITE ? VDK_REQ_COMPRESS : 0))) {
         return -EINVAL;
     }
     VdkRequest *r;
@@ -1374,7 +1412,7 @@ vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint
         ret = vdk_queue_write(q, offset, buf, (size_t)len, flags, 0);
         break;
     case VDK_OP_FLUSH:
-        ret = queue_simple(q, VDK_OP_FLUSH, 0, 0, flags & VDK_FLUSH_FINAL, NULL, 0);
+        ret = queue_simple(q, VDK_OP_FLUSH, 0, 0, flags & (VDK_FLUSH_FINAL | VDK_FLUSH_EVICT), NULL, 0);
         break;
     case VDK_OP_DISCARD:
         ret = vdk_queue_discard(q, offset, len, 0);

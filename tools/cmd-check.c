@@ -19,6 +19,81 @@ static const char check_help[] =
     "Exit status: 0 no errors, 1 the check could not be completed, 2 corruptions\n"
     "found, 3 only leaked clusters found, 63 the format does not support checks.\n";
 
+static void
+print_human(const VdkCheckResult *r)
+{
+    if (r->corruptions == 0 && r->leaks == 0 && r->check_errors == 0) {
+        printf("No errors were found on the image.\n");
+    } else {
+        if (r->corruptions) {
+            printf("\n%" G_GUINT64_FORMAT " errors were found on the image.\n"
+                   "Data may be corrupted, or further writes to the image may corrupt it.\n",
+                   r->corruptions);
+        }
+        if (r->leaks) {
+            printf("\n%" G_GUINT64_FORMAT " leaked clusters were found on the image.\n"
+                   "This means waste of disk space, but no harm to data.\n",
+                   r->leaks);
+        }
+        if (r->check_errors) {
+            printf("\n%" G_GUINT64_FORMAT " internal errors have occurred during the check.\n", r->check_errors);
+        }
+    }
+    if (r->has_stats && r->total_clusters) {
+        double a = r->allocated_clusters;
+        printf("%" G_GUINT64_FORMAT "/%" G_GUINT64_FORMAT " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
+               r->allocated_clusters, r->total_clusters, a * 100.0 / (double)r->total_clusters,
+               a ? (double)r->fragmented_clusters * 100.0 / a : 0.0,
+               a ? (double)r->compressed_clusters * 100.0 / a : 0.0);
+    }
+    if (r->has_stats && r->image_end_offset) {
+        printf("Image end offset: %" G_GUINT64_FORMAT "\n", r->image_end_offset);
+    }
+}
+
+static void
+print_json(const VdkCheckResult *r, const char *filename, const char *format)
+{
+    /* qemu-img's key order; optional keys only when non-zero */
+    Json j;
+    json_init(&j, true);
+    json_begin_object(&j, NULL);
+    if (r->has_stats && r->image_end_offset) {
+        json_uint(&j, "image-end-offset", r->image_end_offset);
+    }
+    if (r->compressed_clusters) {
+        json_uint(&j, "compressed-clusters", r->compressed_clusters);
+    }
+    if (r->has_stats) {
+        json_uint(&j, "total-clusters", r->total_clusters);
+    }
+    if (r->corruptions) {
+        json_uint(&j, "corruptions", r->corruptions);
+    }
+    if (r->corruptions_fixed) {
+        json_uint(&j, "corruptions-fixed", r->corruptions_fixed);
+    }
+    json_uint(&j, "check-errors", r->check_errors);
+    if (r->leaks) {
+        json_uint(&j, "leaks", r->leaks);
+    }
+    if (r->leaks_fixed) {
+        json_uint(&j, "leaks-fixed", r->leaks_fixed);
+    }
+    if (r->has_stats) {
+        json_uint(&j, "allocated-clusters", r->allocated_clusters);
+    }
+    json_str(&j, "filename", filename);
+    json_str(&j, "format", format);
+    if (r->fragmented_clusters) {
+        json_uint(&j, "fragmented-clusters", r->fragmented_clusters);
+    }
+    json_end_object(&j);
+    char *s = json_finish(&j);
+    printf("%s\n", s);
+    g_free(s);
+}
+
 int
 cmd_check(int argc, char **argv)
 {
@@ -33,6 +108,8 @@ cmd_check(int argc, char **argv)
     };
     ToolOpen o = {.read_only = true};
     bool json = false;
+    bool quiet = tool_quiet;
+    int fix = 0;
     int c;
     while ((c = getopt_long(argc, argv, "hf:r:T:qU", longopts, NULL)) != -1) {
         switch (c) {
@@ -48,7 +125,11 @@ cmd_check(int argc, char **argv)
             }
             break;
         case 'r':
-            if (strcmp(optarg, "leaks") && strcmp(optarg, "all")) {
+            if (!strcmp(optarg, "leaks")) {
+                fix = VDK_CHECK_FIX_LEAKS;
+            } else if (!strcmp(optarg, "all")) {
+                fix = VDK_CHECK_FIX_LEAKS | VDK_CHECK_FIX_ERRORS;
+            } else {
                 tool_error(NULL, "Unknown option value for -r (expecting 'leaks' or 'all'): %s", optarg);
                 return 1;
             }
@@ -58,7 +139,7 @@ cmd_check(int argc, char **argv)
             o.cache = optarg;
             break;
         case 'q':
-            tool_quiet = true;
+            quiet = true;
             break;
         case 'U':
             o.force_share = true;
@@ -77,16 +158,58 @@ cmd_check(int argc, char **argv)
         return 1;
     }
     const char *filename = argv[optind];
+    GPtrArray *extra = NULL;
+    if (fix) {
+        extra = g_ptr_array_new();
+        g_ptr_array_add(extra, "repair");
+        g_ptr_array_add(extra, "on");
+        o.opts = extra;
+    }
     VdkImage *img = tool_open(filename, &o);
+    if (extra) {
+        g_ptr_array_free(extra, TRUE);
+    }
     if (!img) {
         return 1;
     }
-    int ret = 0;
-    (void)json; /* both outputs give the same answer until a format has checks */
-    if (!img->top->drv->check) {
+    VdkNode *n = img->top;
+    if (!n->drv->check) {
         tool_error(filename, "This image format does not support checks");
-        ret = 63;
+        vdk_image_close(img, NULL);
+        return 63;
     }
-    vdk_image_close(img, NULL);
+    VdkCheckResult res;
+    memset(&res, 0, sizeof(res));
+    res.messages = g_ptr_array_new_with_free_func(g_free);
+    GError *err = NULL;
+    bool ok = n->drv->check(n, fix, &res, &err);
+    for (guint i = 0; i < res.messages->len; i++) {
+        fprintf(stderr, "%s\n", (const char *)res.messages->pdata[i]);
+    }
+    g_ptr_array_unref(res.messages);
+    int ret;
+    if (!ok) {
+        tool_gerror(filename, err);
+        ret = 1;
+    } else {
+        if (!quiet) {
+            if (json) {
+                print_json(&res, filename, n->drv->name);
+            } else {
+                if (res.leaks_fixed || res.corruptions_fixed) {
+                    printf("The following inconsistencies were found and repaired:\n\n"
+                           "    %" G_GUINT64_FORMAT " leaked clusters\n    %" G_GUINT64_FORMAT " corruptions\n\n"
+                           "Double checking the fixed image now...\n",
+                           res.leaks_fixed, res.corruptions_fixed);
+                }
+                print_human(&res);
+            }
+        }
+        ret = res.check_errors ? 1 : res.corruptions ? 2 : res.leaks ? 3 : 0;
+    }
+    if (!vdk_image_close(img, &err)) {
+        tool_gerror(filename, err);
+        ret = ret ? ret : 1;
+    }
     return ret;
 }

@@ -29,9 +29,10 @@ static const char io_help[] =
     "\n"
     "Commands:\n"
     "  read [-q] [-v] [-P PATTERN] OFFSET LENGTH     read, verify against PATTERN\n"
-    "  write [-q] [-f] [-P PATTERN | -z [-u] [-n]] OFFSET LENGTH\n"
+    "  write [-q] [-f] [-c] [-P PATTERN | -z [-u] [-n]] OFFSET LENGTH\n"
     "                                       write PATTERN (default 0xcd) or zeroes;\n"
-    "                                       -f FUA, -u may unmap, -n no fallback\n"
+    "                                       -f FUA, -c compressed (whole clusters),\n"
+    "                                       -u may unmap, -n no fallback\n"
     "  discard [-q] OFFSET LENGTH           discard a range\n"
     "  flush                                flush to stable storage\n"
     "  map                                  print allocated ranges\n"
@@ -258,10 +259,6 @@ io_write(IoCtx *c, int argc, char **argv)
         printf("-u and -n require -z to be specified\n");
         return -EINVAL;
     }
-    if (compress) {
-        fprintf(stderr, "write failed: %s\n", g_strerror(ENOTSUP));
-        return -ENOTSUP;
-    }
     uint64_t off, len;
     if (!parse_num(argv[optind], &off) || !parse_num(argv[optind + 1], &len)) {
         return -EINVAL;
@@ -288,7 +285,7 @@ io_write(IoCtx *c, int argc, char **argv)
         }
         memset(buf, pattern, (size_t)len);
         t0 = now_s();
-        r = vdk_image_pwrite(c->img, buf, (size_t)len, off, fua ? VDK_REQ_FUA : 0);
+        r = vdk_image_pwrite(c->img, buf, (size_t)len, off, (fua ? VDK_REQ_FUA : 0) | (compress ? VDK_REQ_COMPRESS : 0));
         free(buf);
     }
     double t = now_s() - t0;

@@ -134,6 +134,12 @@ cmd_map(int argc, char **argv)
             ret = 1;
             break;
         }
+        if (!json && (bs.flags & VDK_BS_DATA) && !(bs.flags & VDK_BS_OFFSET_VALID)) {
+            /* qemu-img's human map cannot show data without a host offset */
+            tool_error(filename, "File contains external, encrypted or compressed clusters.");
+            ret = 1;
+            break;
+        }
         MapEntry e = {
             .start = off,
             .length = bs.length,

@@ -619,7 +619,15 @@ qcow2_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
         }
     }
     uint64_t cs = s->cluster_size;
-    if (err < 0) {
+    if (a->compressed) {
+        if (err < 0) {
+            release_entry(s, a->comp_entry); /* the bytes were counted */
+        } else {
+            release_entry(s, a->old[0]);
+            qcow2_l2_set(s, a->slice->data, a->first_index, a->comp_entry, 0);
+            vdk_mc_mark_dirty(s->l2c, a->slice);
+        }
+    } else if (err < 0) {
         if (a->fresh_host) {
             /* counted but never referenced */
             qcow2_defer_free(s, base->host_offset & ~(cs - 1), a->nclusters);
@@ -662,7 +670,123 @@ qcow2_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
         w = next;
     }
     g_free(a->old);
+    g_free(a->payload);
     g_free(a);
+}
+
+/* Space for @len bytes of compressed data: packed after the previous
+ * compressed cluster in the same host cluster when it fits (that cluster
+ * gains a reference), else in a new cluster. */
+static uint64_t
+alloc_bytes(Qcow2 *s, uint64_t len, VdkRequest *r, int *ret)
+{
+    uint64_t off;
+    if (s->comp_cluster && s->comp_used + len <= s->cluster_size) {
+        *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
+        if (*ret) {
+            return 0;
+        }
+        off = s->comp_cluster + s->comp_used;
+    } else {
+        off = qcow2_alloc_clusters(s, 1, r, ret);
+        if (!off) {
+            return 0;
+        }
+        s->comp_cluster = off;
+        s->comp_used = 0;
+    }
+    s->comp_used += len;
+    return off;
+}
+
+int
+qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext)
+{
+    Qcow2 *s = n->opaque;
+    uint64_t cs = s->cluster_size;
+    if (offset & (cs - 1)) {
+        return -EINVAL;
+    }
+    uint64_t unit = MIN(cs, s->size - offset);
+    if (len < unit) {
+        return -EINVAL;
+    }
+    /* compress outside the lock (pure CPU work) */
+    uint8_t *in = g_malloc0(cs);
+    vdk_req_copy_out(r, offset, in, unit);
+    uint8_t *out = g_malloc(cs);
+    ssize_t clen = qcow2_compress(s, in, cs, out, cs - 1);
+    g_free(in);
+    if (clen <= 0) {
+        g_free(out);
+        return clen < 0 ? (int)clen : VDK_NOT_COMPRESSIBLE;
+    }
+    g_mutex_lock(&n->lock);
+    int ret = 0;
+    Qcow2Alloc *a = NULL;
+    Loc l;
+    locate(s, offset, &l);
+    if (s->corrupt) {
+        ret = -EIO;
+        goto out;
+    }
+    ret = l2_table_prepare(s, &l, offset, r);
+    if (ret) {
+        goto out;
+    }
+    Qcow2Alloc *busy = alloc_conflict(s, offset, offset + cs);
+    if (busy) {
+        r->wait_next = busy->waiters;
+        busy->waiters = r;
+        ret = VDK_WAIT;
+        goto out;
+    }
+    VdkMetaEntry *sl = vdk_mc_get(s->l2c, l.slice_off, r, &ret);
+    if (!sl) {
+        goto out;
+    }
+    uint64_t host = alloc_bytes(s, (uint64_t)clen, r, &ret);
+    if (!host) {
+        goto out;
+    }
+    uint64_t sectors = ((host + (uint64_t)clen - 1) >> 9) - (host >> 9);
+    a = g_new0(Qcow2Alloc, 1);
+    a->compressed = true;
+    a->comp_entry = QCOW2_OFLAG_COMPRESSED | (sectors << s->csize_shift) | host;
+    a->payload = out;
+    out = NULL;
+    a->base.payload = a->payload;
+    a->base.payload_len = (size_t)clen;
+    a->base.guest_start = offset;
+    a->base.guest_end = offset + cs;
+    a->base.host_offset = host;
+    a->base.file = s->file;
+    a->base.opaque = s;
+    a->slice_off = l.slice_off;
+    a->first_index = l.in_slice;
+    a->nclusters = 1;
+    a->old = g_new(uint64_t, 2);
+    a->old[0] = qcow2_l2_get(s, sl->data, l.in_slice, &a->old[1]);
+    a->slice = sl;
+    vdk_mc_pin(sl);
+    a->next = s->allocs;
+    s->allocs = a;
+    ext->kind = VDK_EXT_ALLOC;
+    ext->alloc = &a->base;
+    ext->len = unit;
+out:;
+    bool evict = ret == -ENOBUFS && !s->wb_running;
+    if (ret == -ENOBUFS) {
+        r->wait_next = s->wb_waiters;
+        s->wb_waiters = r;
+        ret = VDK_WAIT;
+    }
+    g_mutex_unlock(&n->lock);
+    g_free(out);
+    if (evict) {
+        qcow2_writeback_async(s, r->q);
+    }
+    return ret;
 }
 
 int

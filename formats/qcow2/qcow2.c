@@ -702,8 +702,10 @@ qcow2_open(VdkNode *n, GError **error)
     n->size = s->size;
     s->corrupt = (s->incompatible & QCOW2_INCOMPAT_CORRUPT) != 0;
     s->dirty_on_disk = (s->incompatible & QCOW2_INCOMPAT_DIRTY) != 0;
+    /* check -r opens corrupt images read-write to repair them */
+    bool repair = g_hash_table_lookup(n->img->opts.extra, "repair") != NULL;
     if (!n->read_only) {
-        if (s->corrupt) {
+        if (s->corrupt && !repair) {
             g_set_error(error, VDK_ERROR, EROFS,
                         "qcow2: the image is marked corrupt and can only be opened read-only (repair it with "
                         "vdk check -r all)");
@@ -795,6 +797,7 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"l2-cache-size", VDK_OPT_SIZE, "Maximum L2 table cache size", "32M or what maps the image", false},
     {"refcount-cache-size", VDK_OPT_SIZE, "Maximum refcount block cache size", "8M", false},
     {"l2-cache-entry-size", VDK_OPT_SIZE, "L2 cache slice size", "cluster size", false},
+    {"repair", VDK_OPT_BOOL, "Open a corrupt image read-write to repair it (vdk check -r)", "off", false},
     {NULL, 0, NULL, NULL, false},
 };
 
@@ -805,6 +808,7 @@ const VdkFormat vdk_format_qcow2 = {
     .close = qcow2_close,
     .map = qcow2_map,
     .alloc_done = qcow2_alloc_done,
+    .write_compressed = qcow2_write_compressed,
     .decompress = qcow2_decompress,
     .block_status = qcow2_block_status,
     .discard = qcow2_discard,

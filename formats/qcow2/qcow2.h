@@ -162,6 +162,9 @@ struct Qcow2Alloc {
     uint64_t first_index;     /* index of the first entry within the slice */
     uint32_t nclusters;
     bool fresh_host;          /* host clusters allocated for this write */
+    bool compressed;          /* payload is a compressed cluster */
+    uint64_t comp_entry;      /* its L2 descriptor */
+    void *payload;            /* owned */
     uint32_t sc_mask;         /* extended L2: subclusters written (one cluster) */
     uint64_t *old;            /* old L2 entries (first words) */
     VdkRequest *waiters;
@@ -254,6 +257,7 @@ void qcow2_alloc_done(VdkNode *n, VdkAlloc *a, int err, VdkQueue *q);
 int qcow2_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r);
 int qcow2_discard(VdkNode *n, VdkRequest *r);
 int qcow2_write_zeroes(VdkNode *n, VdkRequest *r);
+int qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext);
 /* Read an L2 entry pair (entry, bitmap) from a slice buffer. */
 static inline uint64_t
 qcow2_l2_get(const Qcow2 *s, const void *slice, uint64_t i, uint64_t *bitmap)

@@ -164,6 +164,8 @@ enum {
     VDK_REQ_FUA = 1u << 0,         /* write: durable when it completes */
     VDK_REQ_MAY_UNMAP = 1u << 1,   /* write_zeroes: may deallocate */
     VDK_REQ_NO_FALLBACK = 1u << 2, /* write_zeroes: -ENOTSUP rather than writing zero buffers */
+    VDK_REQ_COMPRESS = 1u << 3,    /* write: store compressed (whole clusters; -ENOTSUP if the
+                                      format cannot, -EINVAL if not cluster aligned) */
 };
 
 /** Block status flags, as in qemu-img map. */
