@@ -56,6 +56,7 @@ struct VdkOpenOptions {
     bool read_only;
     VdkCacheMode cache;
     char *engine; /* NULL = auto */
+    bool repair;  /* "repair": a corrupt image may be opened read-write to fix it */
     GHashTable *extra; /* key -> value, driver options */
 };
 

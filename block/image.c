@@ -78,6 +78,11 @@ vdk_open_options_set_engine(VdkOpenOptions *o, const char *engine, GError **erro
 void
 vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 {
+    if (strcmp(key, "repair") == 0) {
+        /* for every format: check -r may open a corrupt image read-write */
+        o->repair = strcmp(value, "off") != 0;
+        return;
+    }
     g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
 }
 
@@ -365,6 +370,7 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.read_only = opts->read_only;
     img->opts.cache = opts->cache;
     img->opts.engine = g_strdup(opts->engine);
+    img->opts.repair = opts->repair;
     img->opts.extra = g_hash_table_ref(opts->extra);
     vdk_open_options_free(defaults);
 

@@ -703,7 +703,7 @@ qcow2_open(VdkNode *n, GError **error)
     s->corrupt = (s->incompatible & QCOW2_INCOMPAT_CORRUPT) != 0;
     s->dirty_on_disk = (s->incompatible & QCOW2_INCOMPAT_DIRTY) != 0;
     /* check -r opens corrupt images read-write to repair them */
-    bool repair = g_hash_table_lookup(n->img->opts.extra, "repair") != NULL;
+    bool repair = n->img->opts.repair;
     if (!n->read_only) {
         if (s->corrupt && !repair) {
             g_set_error(error, VDK_ERROR, EROFS,
@@ -797,7 +797,6 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"l2-cache-size", VDK_OPT_SIZE, "Maximum L2 table cache size", "32M or what maps the image", false},
     {"refcount-cache-size", VDK_OPT_SIZE, "Maximum refcount block cache size", "8M", false},
     {"l2-cache-entry-size", VDK_OPT_SIZE, "L2 cache slice size", "cluster size", false},
-    {"repair", VDK_OPT_BOOL, "Open a corrupt image read-write to repair it (vdk check -r)", "off", false},
     {NULL, 0, NULL, NULL, false},
 };
 

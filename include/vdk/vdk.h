@@ -116,7 +116,8 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
 /**
  * vdk_open_options_set: a driver or block-layer option by name, e.g.
  * ("l2-cache-size", "4M").  Unknown keys make vdk_image_open() fail with an
- * error that names them.
+ * error that names them.  ("repair", "on") lets a read-write open proceed
+ * on an image marked corrupt, to repair it.
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 
