@@ -91,10 +91,12 @@ queue_kick(VdkQueue *q)
     for (;;) {
         while (q->backlog_head) {
             VdkIoReq *io = q->backlog_head;
+            /* engines reuse io->next for their own lists: take it first */
+            VdkIoReq *next = io->next;
             if (q->engine->queue(q->ctx, io) != 0) {
                 break;
             }
-            q->backlog_head = io->next;
+            q->backlog_head = next;
             if (!q->backlog_head) {
                 q->backlog_tail = &q->backlog_head;
             }

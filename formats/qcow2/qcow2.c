@@ -488,8 +488,8 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
                     s->l1_size, l1_needed);
         return false;
     }
-    if (s->l1_size && ((s->l1_offset & (s->cluster_size - 1)) || s->l1_offset < s->cluster_size ||
-                       s->l1_offset > QCOW2_OFFSET_MASK)) {
+    if ((s->l1_offset & (s->cluster_size - 1)) ||
+        (s->l1_size && (s->l1_offset < s->cluster_size || s->l1_offset > QCOW2_OFFSET_MASK))) {
         g_set_error(error, VDK_ERROR, EINVAL, "qcow2: L1 table offset 0x%" G_GINT64_MODIFIER "x is invalid",
                     s->l1_offset);
         return false;
@@ -509,8 +509,9 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
         g_set_error(error, VDK_ERROR, EFBIG, "qcow2: %u snapshots (max %d)", s->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
         return false;
     }
-    if (s->nb_snapshots && ((s->snapshots_offset & (s->cluster_size - 1)) || s->snapshots_offset < s->cluster_size ||
-                            s->snapshots_offset > QCOW2_OFFSET_MASK)) {
+    /* alignment is required even without snapshots, as qemu does */
+    if ((s->snapshots_offset & (s->cluster_size - 1)) ||
+        (s->nb_snapshots && (s->snapshots_offset < s->cluster_size || s->snapshots_offset > QCOW2_OFFSET_MASK))) {
         g_set_error(error, VDK_ERROR, EINVAL, "qcow2: snapshot table offset 0x%" G_GINT64_MODIFIER "x is invalid",
                     s->snapshots_offset);
         return false;
