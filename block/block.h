@@ -164,6 +164,11 @@ struct VdkAlloc {
      * host_offset instead of the request's, without copy-on-write */
     const void *payload;
     size_t payload_len;
+    /* when prezero_len is set, [prezero_off, +prezero_len) is new space the
+     * write covers only in part: it is allocated as zeroes in one go
+     * first (fallocate), so the data writes that follow do not each extend
+     * the file.  Best effort: a filesystem that cannot is not an error. */
+    uint64_t prezero_off, prezero_len;
     void *opaque; /* driver */
 };
 

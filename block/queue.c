@@ -586,16 +586,41 @@ alloc_cow_done(VdkRequest *sub)
     vdk_subreq_launch(w);
 }
 
+static void request_write_alloc_data(VdkRequest *r, AllocOp *op);
+
+static void
+alloc_prezero_done(VdkRequest *sub)
+{
+    AllocOp *op = sub->done_opaque;
+    sub->error = 0; /* only an optimisation: the data write follows anyway */
+    request_write_alloc_data(op->r, op);
+}
+
 static void
 request_write_alloc(VdkRequest *r, const VdkExtent *ext)
 {
     VdkAlloc *a = ext->alloc;
-    VdkNode *n = r->node;
     AllocOp *op = g_new0(AllocOp, 1);
     op->r = r;
     op->a = a;
     op->rel = r->cursor - r->offset;
     op->len = ext->len;
+    if (a->prezero_len && !a->cow && !a->payload) {
+        VdkRequest *z = vdk_subreq(r, alloc_prezero_done, op);
+        vdk_req_file_zero(z, a->file, a->prezero_off, a->prezero_len, VDK_REQ_NO_FALLBACK);
+        vdk_subreq_launch(z);
+        return;
+    }
+    request_write_alloc_data(r, op);
+}
+
+/* The data (and copy-on-write) part of an allocating write. */
+static void
+request_write_alloc_data(VdkRequest *r, AllocOp *op)
+{
+    VdkAlloc *a = op->a;
+    VdkNode *n = r->node;
+    uint64_t cursor = r->offset + op->rel;
     if (a->payload) {
         VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
         struct iovec v = {(void *)a->payload, a->payload_len};
@@ -613,14 +638,14 @@ request_write_alloc(VdkRequest *r, const VdkExtent *ext)
             return;
         }
         VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
-        vdk_req_file_rw(w, a->file, true, a->host_offset + (r->cursor - a->guest_start), s.v, s.n, op->len,
+        vdk_req_file_rw(w, a->file, true, a->host_offset + (cursor - a->guest_start), s.v, s.n, op->len,
                         request_io_flags(r));
         slice_free(&s);
         vdk_subreq_launch(w);
         return;
     }
-    op->head_len = r->cursor - a->guest_start;
-    op->tail_len = a->guest_end - (r->cursor + ext->len);
+    op->head_len = cursor - a->guest_start;
+    op->tail_len = a->guest_end - (cursor + op->len);
     VdkRequest *sub = vdk_subreq(r, alloc_cow_done, op);
     if (op->head_len && posix_memalign(&op->head, 4096, (size_t)op->head_len) != 0) {
         op->head = NULL;
@@ -637,7 +662,7 @@ request_write_alloc(VdkRequest *r, const VdkExtent *ext)
         }
         if (op->tail_len) {
             struct iovec v = {op->tail, (size_t)op->tail_len};
-            request_read_node(sub, n, r->cursor + ext->len, &v, 1, op->tail_len);
+            request_read_node(sub, n, cursor + op->len, &v, 1, op->tail_len);
         }
     }
     vdk_subreq_launch(sub);

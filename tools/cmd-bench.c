@@ -285,8 +285,10 @@ cmd_bench(int argc, char **argv)
         case 'U':
             break;
         case 'I':
+            o.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             return 1;
         default:
             tool_usage(stderr, bench_help);

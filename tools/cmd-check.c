@@ -145,8 +145,10 @@ cmd_check(int argc, char **argv)
             o.force_share = true;
             break;
         case 'I':
+            o.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             return 1;
         default:
             tool_usage(stderr, check_help);

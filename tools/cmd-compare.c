@@ -134,8 +134,10 @@ cmd_compare(int argc, char **argv)
         case 'U':
             break;
         case 'I':
+            o1.image_opts = o2.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             return 2;
         default:
             tool_usage(stderr, compare_help);

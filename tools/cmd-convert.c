@@ -72,7 +72,7 @@ cmd_convert(int argc, char **argv)
         {"chunk-size", required_argument, NULL, OPT_CHUNK},
         {"force-share", no_argument, NULL, 'U'},
         {"image-opts", no_argument, NULL, 'I'},
-        {"target-image-opts", no_argument, NULL, 'I'},
+        {"target-image-opts", no_argument, NULL, 'J'},
         {"object", required_argument, NULL, 'j'},
         {"salvage", no_argument, NULL, 'j'},
         {"bitmaps", no_argument, NULL, 'j'},
@@ -94,6 +94,7 @@ cmd_convert(int argc, char **argv)
     uint64_t rate = 0;
     uint64_t chunk = 0;
     bool in_order = false;
+    bool src_image_opts = false, dst_image_opts = false;
     GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
     int ret = 1;
     int c;
@@ -193,8 +194,13 @@ cmd_convert(int argc, char **argv)
             tool_error(NULL, "-C (copy offloading) is not supported yet");
             goto out_args;
         case 'I':
+            src_image_opts = true;
+            break;
+        case 'J':
+            dst_image_opts = true;
+            break;
         case 'j':
-            tool_error(NULL, "--image-opts, --object, --salvage and --bitmaps are not supported yet");
+            tool_error(NULL, "--object, --salvage and --bitmaps are not supported yet");
             goto out_args;
         default:
             tool_usage(stderr, convert_help);
@@ -228,7 +234,7 @@ cmd_convert(int argc, char **argv)
     GError *err = NULL;
     uint64_t total = 0;
 
-    ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio};
+    ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio, .image_opts = src_image_opts};
     for (int i = 0; i < nsrc; i++) {
         src[i] = tool_open(argv[optind + i], &so);
         if (!src[i]) {
@@ -237,6 +243,10 @@ cmd_convert(int argc, char **argv)
         total += vdk_image_get_size(src[i]);
     }
 
+    if (dst_image_opts && !no_create) {
+        tool_error(NULL, "--target-image-opts requires use of -n flag");
+        goto out;
+    }
     if (!no_create) {
         VdkCreateOptions *o = vdk_create_options_new(out_fmt, &err);
         if (!o) {
@@ -275,7 +285,7 @@ cmd_convert(int argc, char **argv)
         created = stat(dst_name, &st) == 0 && S_ISREG(st.st_mode);
     }
 
-    ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio};
+    ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio, .image_opts = dst_image_opts};
     dst = tool_open(dst_name, &to);
     if (!dst) {
         goto out;

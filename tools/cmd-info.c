@@ -133,8 +133,10 @@ cmd_info(int argc, char **argv)
             o.force_share = true;
             break;
         case 'I':
+            o.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             return 1;
         default:
             tool_usage(stderr, info_help);

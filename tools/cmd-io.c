@@ -627,8 +627,10 @@ cmd_io(int argc, char **argv)
             g_ptr_array_unref(cmds);
             return 1;
         case 'I':
+            o.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             g_ptr_array_unref(cmds);
             return 1;
         default:

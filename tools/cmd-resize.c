@@ -75,8 +75,10 @@ cmd_resize(int argc, char **argv)
             }
             break;
         case 'I':
+            o.image_opts = true;
+            break;
         case 'j':
-            tool_error_unsupported("--image-opts/--object");
+            tool_error_unsupported("--object");
             return 1;
         default:
             tool_usage(stderr, resize_help);

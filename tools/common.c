@@ -99,9 +99,77 @@ tool_open_gerror(const char *filename, const ToolOpen *o, GError **error)
     return img;
 }
 
+/* qemu's --image-opts: "driver=qcow2,file.filename=x.qcow2,l2-cache-size=1M".
+ * driver and file.filename become the format and the file; cache.direct,
+ * cache.no-flush, read-only and aio map to their open options; anything
+ * else is an option of the format's driver. */
+static VdkImage *
+tool_open_image_opts(const char *spec, const ToolOpen *base, char **display)
+{
+    GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
+    GError *err = NULL;
+    if (!tool_parse_kv(spec, kv, &err)) {
+        tool_gerror(spec, err);
+        g_ptr_array_unref(kv);
+        return NULL;
+    }
+    ToolOpen o = *base;
+    o.image_opts = false;
+    GPtrArray *extra = g_ptr_array_new();
+    const char *filename = NULL;
+    bool direct = false, no_flush = false;
+    for (guint i = 0; i + 1 < kv->len; i += 2) {
+        const char *k = kv->pdata[i];
+        const char *v = kv->pdata[i + 1];
+        bool on = !strcmp(v, "on") || !strcmp(v, "true");
+        if (!strcmp(k, "driver")) {
+            o.format = v;
+        } else if (!strcmp(k, "file.filename") || !strcmp(k, "filename")) {
+            filename = v;
+        } else if (!strcmp(k, "file.driver") || !strcmp(k, "node-name") || !strcmp(k, "file.node-name")) {
+            /* a plain file is all vdk opens */
+        } else if (!strcmp(k, "cache.direct") || !strcmp(k, "file.cache.direct")) {
+            direct = on;
+        } else if (!strcmp(k, "cache.no-flush") || !strcmp(k, "file.cache.no-flush")) {
+            no_flush = on;
+        } else if (!strcmp(k, "read-only")) {
+            o.read_only = on || o.read_only;
+        } else if (!strcmp(k, "file.aio") || !strcmp(k, "aio")) {
+            o.aio = v;
+        } else {
+            g_ptr_array_add(extra, (gpointer)k);
+            g_ptr_array_add(extra, (gpointer)v);
+        }
+    }
+    VdkImage *img = NULL;
+    if (!filename) {
+        tool_error(NULL, "--image-opts: no file.filename in '%s'", spec);
+    } else {
+        if (direct || no_flush) {
+            o.cache = direct ? (no_flush ? "none" : "none") : "unsafe";
+        }
+        if (extra->len) {
+            o.opts = extra;
+        }
+        img = tool_open_gerror(filename, &o, &err);
+        if (!img) {
+            tool_gerror(filename, err);
+        }
+        if (display) {
+            *display = g_strdup(filename);
+        }
+    }
+    g_ptr_array_free(extra, TRUE);
+    g_ptr_array_unref(kv);
+    return img;
+}
+
 VdkImage *
 tool_open(const char *filename, const ToolOpen *o)
 {
+    if (o->image_opts) {
+        return tool_open_image_opts(filename, o, NULL);
+    }
     GError *err = NULL;
     VdkImage *img = tool_open_gerror(filename, o, &err);
     if (!img) {

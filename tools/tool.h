@@ -51,7 +51,8 @@ typedef struct {
     const char *aio;
     bool read_only;
     bool force_share;
-    GPtrArray *opts; /* "key=value" strings for vdk_open_options_set */
+    bool image_opts; /* the filename is qemu's --image-opts option string */
+    GPtrArray *opts; /* key, value, key, value ... for vdk_open_options_set */
 } ToolOpen;
 
 /* Open an image; on failure print "vdk: FILE: why" and return NULL. */

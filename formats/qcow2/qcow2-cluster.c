@@ -572,6 +572,14 @@ map_write(Qcow2 *s, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r
             return ret;
         }
         a->base.host_offset = h + (s->extl2 ? a->base.guest_start - cstart : 0);
+        /* New clusters the write covers only in part: allocate them whole
+         * first (as qemu does), so the writes that fill them later do not
+         * each extend the file. */
+        uint64_t wend = offset + ext->len;
+        if (!a->base.cow && (offset != cstart || wend != cstart + (uint64_t)a->nclusters * cs)) {
+            a->base.prezero_off = h;
+            a->base.prezero_len = (uint64_t)a->nclusters * cs;
+        }
     }
     a->old = g_new(uint64_t, a->nclusters * 2);
     for (uint32_t i = 0; i < a->nclusters; i++) {
