@@ -269,6 +269,19 @@ vdk_file_allocated_bytes(VdkFile *f)
     return (uint64_t)st.st_blocks * 512;
 }
 
+static uint64_t
+file_page_size(void)
+{
+    static uint64_t page;
+    uint64_t p = __atomic_load_n(&page, __ATOMIC_RELAXED);
+    if (p == 0) {
+        long v = sysconf(_SC_PAGESIZE);
+        p = v >= 4096 ? (uint64_t)v : 4096;
+        __atomic_store_n(&page, p, __ATOMIC_RELAXED);
+    }
+    return p;
+}
+
 /* The buffered twin of an O_DIRECT file (for the unaligned tail at EOF and
  * for control-path helpers). Returns -1 with errno on failure. */
 static int
@@ -810,6 +823,14 @@ vdk_req_file_rw(VdkRequest *r, VdkFile *f, bool is_write, uint64_t off, const st
             child_finish(c, -errno);
             return;
         }
+        /* The page cache works in pages: a direct write to another
+         * block of a page this write dirties must not run concurrently,
+         * or the kernel cannot invalidate the page after the direct write
+         * and reports a (sticky) EIO on the next fsync.  Track the whole
+         * pages. */
+        uint64_t page = file_page_size();
+        c->a_start = vdk_align_down(off, page);
+        c->a_end = vdk_align_up(off + len, page);
         c->kind = VDK_CHILD_PLAIN;
         child_setup_rw(c, bfd, true, off, c->uiov, iovcnt, len);
         child_start(c);

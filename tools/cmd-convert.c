@@ -84,6 +84,7 @@ cmd_convert(int argc, char **argv)
     const char *src_cache = "writeback";
     const char *aio = NULL;
     const char *backing = NULL;
+    const char *backing_fmt = NULL;
     bool no_create = false;
     bool target_zero_flag = false;
     bool compress = false;
@@ -178,6 +179,7 @@ cmd_convert(int argc, char **argv)
             backing = optarg;
             break;
         case 'F':
+            backing_fmt = optarg;
             break;
         case 'r':
             if (!vdk_parse_size(optarg, &rate, NULL) || rate == 0) {
@@ -271,6 +273,9 @@ cmd_convert(int argc, char **argv)
         if (ok && backing) {
             ok = vdk_create_options_set(o, "backing_file", backing, &err);
         }
+        if (ok && backing_fmt) {
+            ok = vdk_create_options_set(o, "backing_fmt", backing_fmt, &err);
+        }
         /* Like qemu-img, convert replaces an existing target. */
         vdk_create_options_set_overwrite(o, true);
         if (ok) {
@@ -283,6 +288,15 @@ cmd_convert(int argc, char **argv)
         }
         struct stat st;
         created = stat(dst_name, &st) == 0 && S_ISREG(st.st_mode);
+    }
+    /* A fresh target reads as zeroes, unless it has a backing file (-B or
+     * -o backing_file): then holes and zeroes of the source must be written
+     * (as zero clusters), or the backing file would show through. */
+    bool has_backing = backing != NULL;
+    for (guint i = 0; i + 1 < kv->len; i += 2) {
+        if (!strcmp(kv->pdata[i], "backing_file")) {
+            has_backing = true;
+        }
     }
 
     ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio, .image_opts = dst_image_opts};
@@ -307,7 +321,7 @@ cmd_convert(int argc, char **argv)
         .max_inflight = (unsigned)inflight,
         .chunk = chunk,
         .in_order = in_order,
-        .target_is_zero = created || target_zero_flag,
+        .target_is_zero = (created && !has_backing) || target_zero_flag,
         .rate_limit = rate,
         .flush = strcmp(cache, "unsafe") != 0,
         .progress = convert_progress,

@@ -546,16 +546,33 @@ rebuild(Chk *c)
 }
 
 
+/* Forget cached metadata in [off, off+len) after an in-place repair. */
+static void
+forget_range(VdkMetaCache *mc, uint64_t off, uint64_t len)
+{
+    uint32_t ss = vdk_mc_slice_size(mc);
+    for (uint64_t o = off & ~((uint64_t)ss - 1); o < off + len; o += ss) {
+        vdk_mc_forget(mc, o);
+    }
+}
+
+/*
+ * Compare the stored refcounts with the references counted.  Without @fix
+ * every difference is reported ("Leaked" / "ERROR"); with @fix the ones
+ * allowed are corrected in place in their refcount block ("Repairing") and
+ * counted as fixed.  A referenced cluster with a stored refcount of 0
+ * cannot be fixed in place (its refcount block may not even exist): it asks
+ * for a rebuild of the whole structure.
+ */
 static void
 compare_refcounts(Chk *c, int fix, uint64_t *highest)
 {
     Qcow2 *s = c->s;
-    RbReader rb = {.blk_off = 0, .blk = NULL};
+    RbReader rb = {.blk_off = UINT64_MAX, .blk = NULL};
     if (posix_memalign((void **)&rb.blk, 4096, s->cluster_size) != 0) {
         c->res->check_errors++;
         return;
     }
-    rb.blk_off = UINT64_MAX;
     *highest = 0;
     for (uint64_t i = 0; i < c->nb; i++) {
         bool err = false;
@@ -571,13 +588,30 @@ compare_refcounts(Chk *c, int fix, uint64_t *highest)
         if (stored == want) {
             continue;
         }
+        int kind = 0; /* 1: fix a leak, 2: fix an error */
         if (stored == 0) {
             c->need_rebuild = true;
+        } else if (stored > want && (fix & VDK_CHECK_FIX_LEAKS)) {
+            kind = 1;
+        } else if (stored < want && (fix & VDK_CHECK_FIX_ERRORS)) {
+            kind = 2;
         }
-        bool fixable = (stored > want && (fix & VDK_CHECK_FIX_LEAKS) && !c->need_rebuild) ||
-                       (stored < want && (fix & VDK_CHECK_FIX_ERRORS));
         msg(c, "%s cluster %" G_GUINT64_FORMAT " refcount=%" G_GUINT64_FORMAT " reference=%" G_GUINT64_FORMAT,
-            fixable ? "Repairing" : stored < want ? "ERROR" : "Leaked", i, stored, want);
+            kind ? "Repairing" : stored < want ? "ERROR" : "Leaked", i, stored, want);
+        if (kind && want <= s->refcount_max) {
+            /* stored > 0: the block holding this refcount is in rb */
+            put_refcount(s, rb.blk, i & ((1ULL << s->refblock_bits) - 1), want);
+            if (vdk_file_pwrite_sync(s->file, rb.blk, s->cluster_size, rb.blk_off) == 0) {
+                forget_range(s->rc, rb.blk_off, s->cluster_size);
+                if (kind == 1) {
+                    c->res->leaks_fixed++;
+                } else {
+                    c->res->corruptions_fixed++;
+                }
+                continue;
+            }
+            rb.blk_off = UINT64_MAX; /* unknown state: read it again */
+        }
         if (stored < want) {
             c->res->corruptions++;
         } else {
@@ -587,15 +621,19 @@ compare_refcounts(Chk *c, int fix, uint64_t *highest)
     free(rb.blk);
 }
 
-static void
-check_copied(Chk *c)
+/* COPIED must be set exactly where the refcount is 1 (active tables only). */
+static int
+check_copied(Chk *c, int fix)
 {
     Qcow2 *s = c->s;
+    bool repair = fix & VDK_CHECK_FIX_ERRORS;
     RbReader rb = {.blk_off = UINT64_MAX, .blk = NULL};
     if (posix_memalign((void **)&rb.blk, 4096, s->cluster_size) != 0) {
-        return;
+        c->res->check_errors++;
+        return -ENOMEM;
     }
-    for (uint32_t i = 0; i < s->l1_size; i++) {
+    int ret = 0;
+    for (uint32_t i = 0; i < s->l1_size && ret == 0; i++) {
         uint64_t e = s->l1[i];
         uint64_t t = e & QCOW2_OFFSET_MASK;
         if (!t || (t >> s->cluster_bits) >= c->nb || (t & (s->cluster_size - 1))) {
@@ -604,32 +642,75 @@ check_copied(Chk *c)
         bool err = false;
         uint64_t rc = stored_refcount(c, &rb, t >> s->cluster_bits, &err);
         if (!err && (rc == 1) != !!(e & QCOW2_OFLAG_COPIED)) {
-            msg(c, "ERROR OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT, i, e,
-                rc);
-            c->res->corruptions++;
-            c->copied_errors = true;
+            msg(c, "%s OFLAG_COPIED L2 cluster: l1_index=%u l1_entry=%" G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT,
+                repair ? "Repairing" : "ERROR", i, e, rc);
+            if (repair) {
+                uint64_t ne = rc == 1 ? (e | QCOW2_OFLAG_COPIED) : (e & ~QCOW2_OFLAG_COPIED);
+                uint8_t raw[8];
+                qput64(raw, ne);
+                if (vdk_file_pwrite_sync(s->file, raw, 8, s->l1_offset + (uint64_t)i * 8) < 0) {
+                    c->res->check_errors++;
+                    ret = -EIO;
+                    break;
+                }
+                s->l1[i] = ne;
+                c->res->corruptions_fixed++;
+            } else {
+                c->res->corruptions++;
+                c->copied_errors = true;
+            }
         }
         if (read_cluster(c, t) < 0) {
             continue;
         }
+        bool changed = false;
         for (uint64_t k = 0; k < s->l2_entries; k++) {
-            uint64_t l2e = qcow2_l2_get(s, c->buf, k, NULL);
+            uint64_t bm;
+            uint64_t l2e = qcow2_l2_get(s, c->buf, k, &bm);
             uint64_t h = l2e & QCOW2_OFFSET_MASK;
             if ((l2e & QCOW2_OFLAG_COMPRESSED) || !h || (h >> s->cluster_bits) >= c->nb ||
                 (h & (s->cluster_size - 1))) {
                 continue;
             }
             uint64_t hrc = stored_refcount(c, &rb, h >> s->cluster_bits, &err);
-            if (!err && (hrc == 1) != !!(l2e & QCOW2_OFLAG_COPIED)) {
-                msg(c, "ERROR OFLAG_COPIED data cluster: l2_entry=%" G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT, l2e, hrc);
+            if (err || (hrc == 1) == !!(l2e & QCOW2_OFLAG_COPIED)) {
+                continue;
+            }
+            msg(c, "%s OFLAG_COPIED data cluster: l2_entry=%" G_GINT64_MODIFIER "x refcount=%" G_GUINT64_FORMAT,
+                repair ? "Repairing" : "ERROR", l2e, hrc);
+            if (repair) {
+                qcow2_l2_set(s, c->buf, k, hrc == 1 ? (l2e | QCOW2_OFLAG_COPIED) : (l2e & ~QCOW2_OFLAG_COPIED), bm);
+                changed = true;
+                c->res->corruptions_fixed++;
+            } else {
                 c->res->corruptions++;
                 c->copied_errors = true;
             }
         }
+        if (changed) {
+            if (vdk_file_pwrite_sync(s->file, c->buf, s->cluster_size, t) < 0) {
+                c->res->check_errors++;
+                ret = -EIO;
+            }
+            forget_range(s->l2c, t, s->cluster_size);
+        }
     }
     free(rb.blk);
+    return ret;
 }
 
+/*
+ * The check proper.  The order and the counting follow qemu-img, so the
+ * report and the messages are the same:
+ *  1. count every reference (the refcount structure included);
+ *  2. compare with the stored refcounts, reporting only;
+ *  3. if a referenced cluster has refcount 0 the structure must be rebuilt
+ *     (-r all): a new one holding the counted references is written past
+ *     the end of the file and the header switched to it; the old one is
+ *     then leaked, and those leaks are repaired in place;
+ *     otherwise, with -r, compare again and repair in place what -r allows;
+ *  4. check (and with -r all repair) the COPIED flags.
+ */
 static bool
 run_check(Qcow2 *s, int fix, VdkCheckResult *res, GError **error)
 {
@@ -638,61 +719,75 @@ run_check(Qcow2 *s, int fix, VdkCheckResult *res, GError **error)
         return false;
     }
     count_references(&c, true);
+    VdkCheckResult pre = *res;
     uint64_t highest = 0;
-    compare_refcounts(&c, fix, &highest);
-    check_copied(&c);
+    compare_refcounts(&c, 0, &highest);
+
+    bool ok = true;
+    if (c.need_rebuild && (fix & VDK_CHECK_FIX_ERRORS)) {
+        VdkCheckResult old = *res;
+        msg(&c, "Rebuilding refcount structure");
+        int rr = rebuild(&c);
+        if (rr < 0) {
+            g_set_error(error, VDK_ERROR, -rr, "qcow2: rebuilding the refcount structure failed: %s", g_strerror(-rr));
+            chk_free(&c);
+            return false;
+        }
+        /* recount against the new structure */
+        res->corruptions = 0;
+        res->leaks = 0;
+        chk_free(&c);
+        if (!chk_init(&c, s, res, error)) {
+            return false;
+        }
+        count_references(&c, true);
+        uint64_t fresh_leaks = 0;
+        if (fix & VDK_CHECK_FIX_LEAKS) {
+            /* the old structure is leaked now: repair that quietly in the
+             * counters (the messages are printed, as qemu-img does) */
+            VdkCheckResult saved = *res;
+            VdkCheckResult scratch;
+            memset(&scratch, 0, sizeof(scratch));
+            scratch.messages = res->messages;
+            c.res = &scratch;
+            c.need_rebuild = false;
+            compare_refcounts(&c, VDK_CHECK_FIX_LEAKS, &highest);
+            if (c.need_rebuild) {
+                msg(&c, "ERROR rebuilt refcount structure is still broken");
+            }
+            fresh_leaks = scratch.leaks;
+            *res = saved;
+            c.res = res;
+        }
+        if (res->corruptions < old.corruptions) {
+            res->corruptions_fixed += old.corruptions - res->corruptions;
+        }
+        if (res->leaks < old.leaks) {
+            res->leaks_fixed += old.leaks - res->leaks;
+        }
+        res->leaks += fresh_leaks;
+    } else if (fix) {
+        if (c.need_rebuild) {
+            msg(&c, "ERROR need to rebuild refcount structures");
+            res->check_errors++;
+            g_set_error(error, VDK_ERROR, EIO, "Check failed: Input/output error");
+            chk_free(&c);
+            return false;
+        }
+        if (res->leaks || res->corruptions) {
+            VdkCheckResult keep_msgs = pre;
+            keep_msgs.messages = res->messages;
+            *res = keep_msgs;
+            compare_refcounts(&c, fix, &highest);
+        }
+    }
+    if (check_copied(&c, fix) < 0) {
+        ok = false;
+        g_set_error(error, VDK_ERROR, EIO, "qcow2: repairing the COPIED flags failed");
+    }
     res->total_clusters = (s->size + s->cluster_size - 1) >> s->cluster_bits;
     res->image_end_offset = (highest + 1) << s->cluster_bits;
     res->has_stats = true;
-
-    bool ok = true;
-    if (fix && (res->leaks || res->corruptions)) {
-        if (c.need_rebuild && !(fix & VDK_CHECK_FIX_ERRORS)) {
-            msg(&c, "ERROR need to rebuild refcount structures");
-            g_set_error(error, VDK_ERROR, EIO, "Check failed: Input/output error");
-            ok = false;
-        } else {
-            /* Rebuild from the references (the old structure excluded),
-             * which fixes leaks and errors alike. */
-            Chk r;
-            if (!chk_init(&r, s, NULL, error)) {
-                chk_free(&c);
-                return false;
-            }
-            VdkCheckResult scratch;
-            memset(&scratch, 0, sizeof(scratch));
-            r.res = &scratch;
-            count_references(&r, false);
-            if (fix & VDK_CHECK_FIX_ERRORS) {
-                msg(&c, "Rebuilding refcount structure");
-            }
-            int rr = rebuild(&r);
-            if (rr == 0 && (fix & VDK_CHECK_FIX_ERRORS)) {
-                rr = fix_copied(&r, r.ref);
-            }
-            chk_free(&r);
-            if (rr < 0) {
-                g_set_error(error, VDK_ERROR, -rr, "qcow2: repairing the refcounts failed: %s", g_strerror(-rr));
-                ok = false;
-            } else {
-                res->leaks_fixed = res->leaks;
-                res->corruptions_fixed = (fix & VDK_CHECK_FIX_ERRORS) ? res->corruptions : 0;
-                res->leaks = 0;
-                res->corruptions -= res->corruptions_fixed;
-                if ((fix & VDK_CHECK_FIX_ERRORS) && (s->incompatible & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY))) {
-                    s->incompatible &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY);
-                    s->corrupt = false;
-                    s->dirty_on_disk = false;
-                    qcow2_update_header_buf(s);
-                    if (vdk_file_pwrite_sync(s->file, s->hdr, s->hdr_used, 0) < 0 ||
-                        vdk_file_flush_sync(s->file) < 0) {
-                        g_set_error(error, VDK_ERROR, EIO, "qcow2: cannot update the header after repair");
-                        ok = false;
-                    }
-                }
-            }
-        }
-    }
     chk_free(&c);
     return ok;
 }
@@ -702,6 +797,19 @@ qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
 {
     Qcow2 *s = n->opaque;
     bool ok = run_check(s, fix, res, error);
+    if (ok && fix && res->check_errors == 0 && res->corruptions == 0 &&
+        (s->incompatible & (QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY))) {
+        /* consistent now: clear the dirty and corrupt bits, as qemu-img does */
+        s->incompatible &= ~(QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_DIRTY);
+        s->corrupt = false;
+        s->dirty_on_disk = false;
+        qcow2_update_header_buf(s);
+        if (vdk_file_flush_sync(s->file) < 0 || vdk_file_pwrite_sync(s->file, s->hdr, s->hdr_used, 0) < 0 ||
+            vdk_file_flush_sync(s->file) < 0) {
+            g_set_error(error, VDK_ERROR, EIO, "qcow2: cannot update the header after the check");
+            ok = false;
+        }
+    }
     if (ok && fix && (res->leaks_fixed || res->corruptions_fixed)) {
         /* Double check, as qemu-img does: the report is of the fixed
          * image, with the repair counts kept. */

@@ -689,13 +689,18 @@ static uint64_t
 alloc_bytes(Qcow2 *s, uint64_t len, VdkRequest *r, int *ret)
 {
     uint64_t off;
+    *ret = -ERANGE;
     if (s->comp_cluster && s->comp_used + len <= s->cluster_size) {
         *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
-        if (*ret) {
+        if (*ret != 0 && *ret != -ERANGE) {
             return 0;
         }
+    }
+    if (*ret == 0) {
         off = s->comp_cluster + s->comp_used;
     } else {
+        /* no room, or its refcount is at the maximum the width allows
+         * (1-bit refcounts: one compressed cluster per host cluster) */
         off = qcow2_alloc_clusters(s, 1, r, ret);
         if (!off) {
             return 0;
