@@ -129,6 +129,7 @@ typedef struct VdkAlloc VdkAlloc;
 typedef struct VdkExtent {
     uint8_t kind;
     bool host_valid;  /* ZERO extents: host_offset/file are meaningful (map output) */
+    bool recurse;     /* block status of DATA: holes in the file read as zeroes (ask it) */
     uint64_t len;     /* guest bytes covered, from the offset asked, >= 1 */
     VdkFile *file;
     uint64_t host_offset;
@@ -208,7 +209,14 @@ struct VdkCreateOptions {
     GHashTable *kv;     /* key -> value as given */
     GPtrArray *order;   /* keys in the order given, for the "Formatting" line */
     bool overwrite;
+    bool no_backing_open; /* qemu-img create -u */
 };
+/* Where a backing name recorded in @image points: absolute names as they
+ * are, relative ones joined textually to @image's directory (as qemu). */
+char *vdk_backing_path(const char *image, const char *backing_name);
+/* Checks the backing file of a create (see vdk_create_options_check_backing);
+ * *size gets its size when @size is not NULL. */
+bool vdk_create_backing_probe(const VdkCreateOptions *o, const char *filename, uint64_t *size, GError **error);
 /* The option's value or NULL. */
 const char *vdk_create_opt(const VdkCreateOptions *o, const char *key);
 bool vdk_create_opt_size(const VdkCreateOptions *o, const char *key, uint64_t *out, bool *present,

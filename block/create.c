@@ -73,6 +73,73 @@ vdk_create_options_set_overwrite(VdkCreateOptions *o, bool overwrite)
     o->overwrite = overwrite;
 }
 
+void
+vdk_create_options_set_open_backing(VdkCreateOptions *o, bool open)
+{
+    o->no_backing_open = !open;
+}
+
+bool
+vdk_create_backing_probe(const VdkCreateOptions *o, const char *filename, uint64_t *size, GError **error)
+{
+    const char *backing = vdk_create_opt(o, "backing_file");
+    const char *fmt = vdk_create_opt(o, "backing_fmt");
+    if (!backing) {
+        return true;
+    }
+    if (o->no_backing_open) {
+        if (!fmt) {
+            g_set_error(error, VDK_ERROR, EINVAL,
+                        "Backing file specified without backing format (give it with -F or -o backing_fmt=)");
+            return false;
+        }
+        return true;
+    }
+    char *path = vdk_backing_path(filename, backing);
+    VdkOpenOptions *bo = vdk_open_options_new();
+    vdk_open_options_set_read_only(bo, true);
+    if (fmt) {
+        vdk_open_options_set_format(bo, fmt);
+    }
+    GError *err = NULL;
+    VdkImage *b = vdk_image_open(path, bo, &err);
+    vdk_open_options_free(bo);
+    if (!b) {
+        g_set_error(error, VDK_ERROR, err->code, "Could not open backing file '%s': %s", path, err->message);
+        g_error_free(err);
+        g_free(path);
+        return false;
+    }
+    g_free(path);
+    bool ok = true;
+    if (!fmt) {
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "Backing file specified without backing format (detected format of %s; use -F %s)",
+                    vdk_image_get_format(b), vdk_image_get_format(b));
+        ok = false;
+    } else if (size) {
+        *size = vdk_image_get_size(b);
+    }
+    vdk_image_close(b, NULL);
+    return ok;
+}
+
+bool
+vdk_create_options_check_backing(VdkCreateOptions *o, const char *filename, GError **error)
+{
+    uint64_t size = 0;
+    if (!vdk_create_backing_probe(o, filename, &size, error)) {
+        return false;
+    }
+    if (vdk_create_opt(o, "backing_file") && !o->no_backing_open && !vdk_create_opt(o, "size")) {
+        char *v = g_strdup_printf("%" G_GUINT64_FORMAT, size);
+        bool ok = vdk_create_options_set(o, "size", v, error);
+        g_free(v);
+        return ok;
+    }
+    return true;
+}
+
 static bool
 parse_bool(const char *v, bool *out)
 {

@@ -171,19 +171,25 @@ static bool chain_close(VdkNode *n, GError **error);
 
 /* Where a recorded backing name points: absolute names as they are,
  * relative ones against the directory of the image that names them. */
-static char *
-backing_path(const VdkNode *n)
+char *
+vdk_backing_path(const char *image, const char *backing_name)
 {
-    if (g_path_is_absolute(n->backing_name)) {
-        return g_strdup(n->backing_name);
+    if (g_path_is_absolute(backing_name)) {
+        return g_strdup(backing_name);
     }
     /* Joined textually to the overlay's directory, as qemu does (so the
      * names shown by info are the same: "mid.qcow2", "dir/mid.qcow2"). */
-    const char *slash = strrchr(n->filename, '/');
+    const char *slash = strrchr(image, '/');
     if (!slash) {
-        return g_strdup(n->backing_name);
+        return g_strdup(backing_name);
     }
-    return g_strdup_printf("%.*s%s", (int)(slash - n->filename + 1), n->filename, n->backing_name);
+    return g_strdup_printf("%.*s%s", (int)(slash - image + 1), image, backing_name);
+}
+
+static char *
+backing_path(const VdkNode *n)
+{
+    return vdk_backing_path(n->filename, n->backing_name);
 }
 
 static bool

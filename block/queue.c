@@ -779,6 +779,18 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out, V
     case VDK_EXT_DATA:
         out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED | VDK_BS_OFFSET_VALID;
         out->host_offset = ext.host_offset;
+        if (ext.recurse && ext.file) {
+            /* Holes in the file read as zeroes: say so, and stop where the
+             * file's status changes (errors only cost the detail). */
+            uint64_t pnum = 0;
+            int st = vdk_file_seek_status(ext.file, ext.host_offset, ext.len, &pnum);
+            if (st >= 0 && pnum > 0) {
+                out->length = pnum;
+                if (st == 0) {
+                    out->flags |= VDK_BS_ZERO;
+                }
+            }
+        }
         return 0;
     case VDK_EXT_COMPRESSED:
         out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED;

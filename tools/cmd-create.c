@@ -44,6 +44,7 @@ cmd_create(int argc, char **argv)
     const char *backing_fmt = NULL;
     bool quiet = tool_quiet;
     bool force = false;
+    bool unsafe = false;
     GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
     int ret = 1;
     int c;
@@ -64,6 +65,7 @@ cmd_create(int argc, char **argv)
             backing_fmt = optarg;
             break;
         case 'u':
+            unsafe = true;
             break;
         case 'o': {
             GError *err = NULL;
@@ -154,6 +156,19 @@ cmd_create(int argc, char **argv)
         }
     }
     vdk_create_options_set_overwrite(o, force);
+    vdk_create_options_set_open_backing(o, !unsafe);
+    /* the backing file is checked (and gives the size) before the
+     * "Formatting" line, as with qemu-img */
+    if (!vdk_create_options_check_backing(o, filename, &err)) {
+        tool_gerror(filename, err);
+        vdk_create_options_free(o);
+        goto out;
+    }
+    if (!vdk_create_opt(o, "size")) {
+        tool_error(filename, "Image creation needs a size parameter");
+        vdk_create_options_free(o);
+        goto out;
+    }
 
     if (!quiet) {
         /* qemu-img's line: the options given, in the format's order. */
@@ -167,13 +182,11 @@ cmd_create(int argc, char **argv)
             if (!v) {
                 continue;
             }
-            if (!strcmp(d->name, "size")) {
-                uint64_t sz = 0;
-                if (vdk_parse_size(v, &sz, NULL)) {
-                    /* the size as given, in bytes; the image itself is
-                     * rounded up to whole sectors, as qemu-img does */
-                    g_string_append_printf(line, " size=%" G_GUINT64_FORMAT, sz);
-                }
+            uint64_t sz = 0;
+            if (d->type == VDK_OPT_SIZE && vdk_parse_size(v, &sz, NULL)) {
+                /* sizes in bytes (the image size as given; the image itself
+                 * is rounded up to whole sectors), as qemu-img prints them */
+                g_string_append_printf(line, " %s=%" G_GUINT64_FORMAT, d->name, sz);
             } else {
                 g_string_append_printf(line, " %s=%s", d->name, v);
             }

@@ -137,7 +137,12 @@ cmd_map(int argc, char **argv)
             break;
         }
         if (!json && (bs.flags & VDK_BS_DATA) && !(bs.flags & VDK_BS_OFFSET_VALID)) {
-            /* qemu-img's human map cannot show data without a host offset */
+            /* qemu-img's human map cannot show data without a host offset;
+             * what was mapped before is printed first, as qemu-img does */
+            if (cur.length > 0) {
+                map_print(img, &cur, json, &first);
+            }
+            fflush(stdout);
             tool_error(filename, "File contains external, encrypted or compressed clusters.");
             ret = 1;
             break;

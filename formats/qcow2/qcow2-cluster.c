@@ -321,7 +321,17 @@ map_read(Qcow2 *s, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r)
 int
 qcow2_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r)
 {
-    return qcow2_map(n, offset, len, 0, ext, r);
+    Qcow2 *s = n->opaque;
+    int ret = qcow2_map(n, offset, len, 0, ext, r);
+    if (ret == 0 && ext->kind == VDK_EXT_DATA) {
+        int mp = __atomic_load_n(&s->meta_prealloc, __ATOMIC_RELAXED);
+        if (mp < 0) {
+            mp = qcow2_metadata_preallocated(s) ? 1 : 0;
+            __atomic_store_n(&s->meta_prealloc, mp, __ATOMIC_RELAXED);
+        }
+        ext->recurse = mp == 1;
+    }
+    return ret;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -139,8 +139,11 @@ parse_params(VdkCreateCtx *cc, const VdkCreateOptions *o, Params *p, GError **er
                     QCOW2_MAX_BACKING_NAME);
         return false;
     }
-    if (p->backing && p->prealloc != VDK_PREALLOC_OFF) {
-        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: preallocation and a backing file cannot be combined");
+    if (p->backing && p->prealloc != VDK_PREALLOC_OFF && !p->extl2) {
+        /* without subcluster bits a preallocated cluster would hide the
+         * backing file's data */
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "Backing file and preallocation can only be used at the same time if extended_l2 is on");
         return false;
     }
     if (!vdk_create_opt_size(o, "size", &p->size, &present, error)) {
@@ -148,40 +151,16 @@ parse_params(VdkCreateCtx *cc, const VdkCreateOptions *o, Params *p, GError **er
     }
     if (p->backing) {
         /* Open the backing file as the new image will (relative to its
-         * directory): it must exist, its format must be known, and it gives
-         * the size when none was asked for. */
-        char *dir = g_path_get_dirname(vdk_create_filename(cc));
-        char *path = g_path_is_absolute(p->backing) ? g_strdup(p->backing) : g_build_filename(dir, p->backing, NULL);
-        g_free(dir);
-        VdkOpenOptions *bo = vdk_open_options_new();
-        vdk_open_options_set_read_only(bo, true);
-        if (p->backing_fmt) {
-            vdk_open_options_set_format(bo, p->backing_fmt);
-        }
-        GError *err = NULL;
-        VdkImage *b = vdk_image_open(path, bo, &err);
-        vdk_open_options_free(bo);
-        if (!b) {
-            g_set_error(error, VDK_ERROR, err->code, "qcow2: could not open backing file '%s': %s", path,
-                        err->message);
-            g_error_free(err);
-            g_free(path);
+         * name): it must exist, its format must be known, and it gives the
+         * size when none was asked for (not with -u). */
+        uint64_t bsize = 0;
+        if (!vdk_create_backing_probe(o, vdk_create_filename(cc), &bsize, error)) {
             return false;
         }
-        if (!p->backing_fmt) {
-            g_set_error(error, VDK_ERROR, EINVAL,
-                        "Backing file specified without backing format (detected format of %s; use -F %s)",
-                        vdk_image_get_format(b), vdk_image_get_format(b));
-            vdk_image_close(b, NULL);
-            g_free(path);
-            return false;
-        }
-        if (!present) {
-            p->size = vdk_image_get_size(b);
+        if (!present && !o->no_backing_open) {
+            p->size = bsize;
             present = true;
         }
-        vdk_image_close(b, NULL);
-        g_free(path);
     }
     if (!present) {
         g_set_error(error, VDK_ERROR, EINVAL, "Image creation needs a size parameter");
@@ -377,10 +356,10 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
             if (c >= clusters) {
                 break;
             }
+            /* extended L2: the subclusters stay "unallocated" (bitmap 0, as
+             * qemu does): they read from the backing file, or as zeroes,
+             * until written, and writes fill the reserved space in place */
             qput64(buf + i * l2_entry, (data_off + c * cs) | QCOW2_OFLAG_COPIED);
-            if (p.extl2) {
-                qput64(buf + i * l2_entry + 8, 0xffffffffULL);
-            }
         }
         r = vdk_file_pwrite_sync(f, buf, cs, l2_off + t * cs);
     }

@@ -22,6 +22,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "formats/qcow2/qcow2.h"
@@ -369,4 +370,56 @@ qcow2_alloc_clusters(Qcow2 *s, uint64_t n, VdkRequest *r, int *ret)
     }
     s->next_free = end;
     return data;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Metadata preallocation                                                    */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Does the image look preallocated with metadata only (clusters mapped and
+ * refcounted, but holes in the file)?  qemu-img map then asks the file
+ * which parts of a data extent are holes and reports them as zero; vdk
+ * uses the same test so both tools describe the same image the same way:
+ * the image is "preallocated" when the clusters with a refcount reach
+ * max(allocated clusters * 10/9, allocated clusters + 2), the allocated
+ * clusters being the file's allocated bytes over the cluster size.
+ * Reads the refcount blocks that are not cached (once per open).
+ */
+bool
+qcow2_metadata_preallocated(Qcow2 *s)
+{
+    uint64_t cs = s->cluster_size;
+    uint64_t real = vdk_file_allocated_bytes(s->file) / cs;
+    uint64_t threshold = MAX(real * 10 / 9, real + 2);
+    uint64_t end = (__atomic_load_n(&s->file->size, __ATOMIC_RELAXED) + cs - 1) >> s->cluster_bits;
+    uint64_t per_block = 1ULL << s->refblock_bits;
+    uint8_t *buf = NULL;
+    uint64_t count = 0;
+    for (uint64_t idx = 0; idx < s->reftable_size && (idx << s->refblock_bits) < end && count < threshold; idx++) {
+        uint64_t off = s->reftable[idx] & ~QCOW2_REFT_RESERVED;
+        if (!off) {
+            continue;
+        }
+        const uint8_t *blk;
+        VdkMetaEntry *e = vdk_mc_peek(s->rc, off);
+        if (e) {
+            blk = e->data;
+        } else {
+            if (!buf && posix_memalign((void **)&buf, 4096, cs) != 0) {
+                return false;
+            }
+            if (vdk_file_pread_sync(s->file, buf, cs, off) < 0) {
+                free(buf);
+                return false;
+            }
+            blk = buf;
+        }
+        uint64_t n = MIN(per_block, end - (idx << s->refblock_bits));
+        for (uint64_t i = 0; i < n && count < threshold; i++) {
+            count += rb_get(s, blk, i) != 0;
+        }
+    }
+    free(buf);
+    return count >= threshold;
 }

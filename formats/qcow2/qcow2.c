@@ -692,6 +692,7 @@ static bool
 qcow2_open(VdkNode *n, GError **error)
 {
     Qcow2 *s = g_new0(Qcow2, 1);
+    s->meta_prealloc = -1;
     s->node = n;
     s->file = n->file;
     n->opaque = s;

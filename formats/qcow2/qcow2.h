@@ -151,6 +151,7 @@ typedef struct Qcow2 {
     /* state */
     bool dirty_on_disk;       /* the header says dirty (lazy refcounts) */
     bool corrupt;
+    int meta_prealloc;        /* block status: -1 not checked yet, 0 no, 1 yes */
     bool wb_running;
     VdkRequest *wb_waiters;
 } Qcow2;
@@ -244,6 +245,7 @@ bool qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error);
 uint64_t qcow2_alloc_clusters(Qcow2 *s, uint64_t n, VdkRequest *r, int *ret);
 /* Refcount of the cluster at @offset (r NULL: load synchronously). */
 int qcow2_get_refcount(Qcow2 *s, uint64_t offset, uint64_t *out, VdkRequest *r);
+bool qcow2_metadata_preallocated(Qcow2 *s);
 /* Add @delta to the refcount of every cluster in [offset, offset+n*cs). */
 int qcow2_update_refcount(Qcow2 *s, uint64_t offset, uint64_t n, int64_t delta, VdkRequest *r);
 /* Queue a decrement for after the next durable writeback. */

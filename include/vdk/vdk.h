@@ -324,6 +324,21 @@ VDK_API bool vdk_create_options_set(VdkCreateOptions *opts, const char *key, con
                                     GError **error);
 /** Overwrite an existing regular file (default: refuse with EEXIST). */
 VDK_API void vdk_create_options_set_overwrite(VdkCreateOptions *opts, bool overwrite);
+/**
+ * Open the backing file while creating (default true): it must exist, its
+ * format (backing_fmt) is checked and its size is the image size when no
+ * "size" is given.  false is qemu-img create -u: the name is recorded as
+ * given, and "size" and "backing_fmt" are then required.
+ */
+VDK_API void vdk_create_options_set_open_backing(VdkCreateOptions *opts, bool open);
+/**
+ * vdk_create_options_check_backing: what vdk_image_create() will check of
+ * the backing file, done now (qemu-img create does it before printing its
+ * "Formatting" line): opens it relative to @filename's directory unless
+ * disabled, checks backing_fmt, and sets "size" from it when not given.
+ * True when there is no backing file.
+ */
+VDK_API bool vdk_create_options_check_backing(VdkCreateOptions *opts, const char *filename, GError **error);
 
 /**
  * vdk_image_create: create @filename.  The image is built under a

@@ -109,6 +109,58 @@ def t_create_backing(t):
         expect_eq(rv.out, rq.out, "vdk create %s: 'Formatting' line vs qemu-img create's" % what, rv)
 
 
+def t_create_backing_checks(t):
+    """The backing file is checked before the 'Formatting' line (no line,
+    exit 1, nothing created), -u skips the open but needs a size, and
+    preallocation with a backing file needs extended L2 entries (the
+    preallocated subclusters still read from the backing file)."""
+    t.sparse('base.raw', 4 * MiB)
+    t.qemu_io('base.raw', 'write -P 0x5a 0 4M')
+    cases = [
+        (['-b', 'missing.qcow2', '-F', 'qcow2', 'a.qcow2', '1M'], 'a missing backing file'),
+        (['-b', 'base.raw', 'a.qcow2'], 'no backing format'),
+        (['-u', '-b', 'missing.qcow2', '-F', 'qcow2', 'a.qcow2'], '-u without a size'),
+        (['-u', '-b', 'missing.qcow2', 'a.qcow2', '1M'], '-u without a backing format'),
+    ]
+    for args, what in cases:
+        rq = t.qemu_img('create', '-f', 'qcow2', *args)
+        rv = t.vdk('create', '-f', 'qcow2', *args)
+        expect_rc(rq, 1, 'qemu-img create with %s (test premise)' % what)
+        expect_eq(rv.rc, 1, 'vdk create with %s: exit code' % what, rv)
+        expect_eq(rv.out, rq.out, 'vdk create with %s: stdout vs qemu-img' % what, rv)
+        expect(rv.err.startswith('vdk: a.qcow2: ') and len(rv.err.splitlines()) == 1,
+               'vdk create with %s: one "vdk: a.qcow2: " error line' % what, rv)
+        expect(not os.path.exists(t.path('a.qcow2')), 'vdk create with %s left a file behind' % what)
+    # -u: the name is recorded without opening it
+    rq = t.qemu_img('create', '-f', 'qcow2', '-u', '-b', 'missing.qcow2', '-F', 'qcow2', 'q.qcow2', '1M')
+    rv = t.vdk('create', '-f', 'qcow2', '-u', '-b', 'missing.qcow2', '-F', 'qcow2', 'v.qcow2', '1M')
+    expect_rc(rq, 0, 'qemu-img create -u (test premise)')
+    expect_rc(rv, 0, 'vdk create -u')
+    expect_eq(rv.out.replace("'v.qcow2'", "'q.qcow2'"), rq.out, "vdk create -u: 'Formatting' line vs qemu-img's", rv)
+    with open(t.path('v.qcow2'), 'rb') as f:
+        expect(b'missing.qcow2' in f.read(65536), 'vdk create -u recorded the backing name')
+    # preallocation and a backing file
+    args = ['-o', 'preallocation=metadata', '-b', 'base.raw', '-F', 'raw', 'p.qcow2']
+    rq = t.qemu_img('create', '-f', 'qcow2', *args)
+    rv = t.vdk('create', '-f', 'qcow2', *args)
+    expect_eq(rv.rc, rq.rc, 'vdk create -o preallocation=metadata -b: exit code vs qemu-img', rv)
+    expect_eq(rq.rc, 1, 'qemu-img create -o preallocation=metadata -b (test premise)')
+    for mode in ('metadata', 'falloc', 'full'):
+        if os.path.exists(t.path('p.qcow2')):
+            os.unlink(t.path('p.qcow2'))
+        rv = t.vdk('create', '-q', '-f', 'qcow2', '-o', 'preallocation=%s,extended_l2=on' % mode, '-b', 'base.raw',
+                   '-F', 'raw', 'p.qcow2')
+        expect_rc(rv, 0, 'vdk create -o preallocation=%s,extended_l2=on -b' % mode)
+        qemu_check_clean(t, 'p.qcow2')
+        no_failure(t.qemu_io_raw('p.qcow2', ['read -P 0x5a 0 4M'], fmt='qcow2', extra=['-r']),
+                   'preallocation=%s: the backing data shows through' % mode)
+        no_failure(t.vdk_io_raw('p.qcow2', ['write -P 0x21 5000 3000'], fmt='qcow2'), 'vdk io write')
+        no_failure(t.qemu_io_raw('p.qcow2', ['read -P 0x5a 0 5000', 'read -P 0x21 5000 3000',
+                                             'read -P 0x5a 8000 %d' % (4 * MiB - 8000)], fmt='qcow2', extra=['-r']),
+                   'preallocation=%s: read back after a write' % mode)
+        qemu_check_clean(t, 'p.qcow2')
+
+
 def split_batches(cmds, n=2):
     k = (len(cmds) + n - 1) // n
     return [cmds[i:i + k] for i in range(0, len(cmds), k)]
@@ -333,6 +385,7 @@ for cfg in CONFIGS:
 for what, variants in SPELLINGS:
     suite.add('qcow2-write/create-option-spelling/%s' % what, t_create_spelling, variants)
 suite.add('qcow2-write/create-backing-relative', t_create_backing)
+suite.add('qcow2-write/create-backing-checks', t_create_backing_checks)
 for name in ('cluster512', 'compat0.10', 'extl2-64k', 'refcount1', 'prealloc-metadata', 'zstd'):
     suite.add('qcow2-write/%s/io-mix-qemu-created' % name, t_mix, CONFIG_BY_NAME[name], 'qemu')
 for name, maker in CHAINS:
