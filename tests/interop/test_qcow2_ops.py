@@ -16,7 +16,7 @@ from qcow2util import (CHAINS, CONFIG_BY_NAME, INCOMPAT_CORRUPT, INCOMPAT_DATA_F
                        add_feature_name, compare_json, compare_text, expect_bytes, expect_single_error,
                        feature_names, get_refcount, mix_commands, no_failure, parse_json, qemu_check_clean,
                        qemu_compare_identical, qemu_to_raw, read_header, set_crypt_method, set_incompat,
-                       set_refcount)
+                       set_refcount, write_extensions)
 
 suite = Suite('qcow2-ops')
 SIZE = 32 * MiB
@@ -483,6 +483,30 @@ def t_data_file(t, with_ext):
 
 # ---------------------------------------------------------------------------
 
+def t_unknown_extension_kept(t):
+    """Header extensions vdk does not know are kept byte for byte when it
+    rewrites the header (resize, the lazy-refcount dirty bit), and unknown
+    autoclear bits are cleared, as the spec asks of such writers."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', 'img.qcow2', '16M'), 0)
+    h = read_header(t.path('img.qcow2'))
+    unknown = [(0x7a6b0001, b'vdk keeps this'), (0x7a6b0002, bytes(range(1, 20)))]
+    write_extensions(t.path('img.qcow2'), list(h.extensions) + unknown)
+    with open(t.path('img.qcow2'), 'r+b') as f:
+        f.seek(88)
+        f.write((1 << 7).to_bytes(8, 'big'))  # an autoclear bit vdk does not know
+    qemu_check_clean(t, 'img.qcow2', 'qemu-img check of the prepared image (test premise)')
+    no_failure(t.vdk_io_raw('img.qcow2', ['write -P 0x3c 0 1M', 'write -P 0x3d 5M 4096'], fmt='qcow2'), 'vdk io write')
+    expect_rc(t.vdk('resize', 'img.qcow2', '40M'), 0, 'vdk resize')
+    h2 = read_header(t.path('img.qcow2'))
+    for ext in unknown:
+        expect(ext in h2.extensions, 'extension 0x%x lost or changed by vdk' % ext[0])
+    expect_eq(h2.autoclear, 0, 'autoclear bits after vdk wrote the image')
+    expect_eq(h2.size, 40 * MiB, 'size in the header after vdk resize')
+    qemu_check_clean(t, 'img.qcow2')
+    no_failure(t.qemu_io_raw('img.qcow2', ['read -P 0x3c 0 1M', 'read -P 0x3d 5M 4096', 'read -P 0 16M 24M'],
+                             fmt='qcow2', extra=['-r']), 'qemu-io read back')
+
+
 RAW_CONVERT_OPTS = ['', 'cluster_size=4096', 'cluster_size=512,refcount_bits=64', 'compat=0.10',
                     'compression_type=zstd', 'extended_l2=on,cluster_size=32768', 'refcount_bits=1,lazy_refcounts=on',
                     'cluster_size=2097152']
@@ -527,6 +551,7 @@ suite.add('qcow2-lazy-refcounts/crash-4k', t_lazy_crash, 4096)
 suite.add('qcow2-lazy-refcounts/write-after-crash', t_lazy_write_after_crash)
 suite.add('qcow2-lazy-refcounts/vdk-clean-close', t_lazy_vdk_dirty)
 suite.add('qcow2-corrupt-bit/read-only-only', t_corrupt_bit)
+suite.add('qcow2-header/unknown-extensions-kept', t_unknown_extension_kept)
 
 suite.add('qcow2-refused/unknown-incompatible-bit', t_unknown_incompat, False)
 suite.add('qcow2-refused/unknown-incompatible-bit-named', t_unknown_incompat, True)
