@@ -9,6 +9,13 @@
  * layer always submits after reaping), so the caller only ever sees whole
  * transfers.  Block-device ioctls, which io_uring cannot express here, go to
  * a one-thread worker pool signalling the same eventfd.
+ *
+ * The CQ must never overflow: the kernel then parks completions on an
+ * internal list that only io_uring_enter(GETEVENTS) flushes, and the
+ * eventfd signal for them may already have been consumed, so a caller
+ * sleeping in poll() on the fd would wait forever.  queue() therefore
+ * refuses (-EAGAIN) once the SQEs in flight would fill the CQ, and reap()
+ * still flushes the kernel's list if the ring says it holds anything.
  */
 #include "config.h"
 
@@ -36,6 +43,8 @@ struct VdkIoCtx {
     bool efd_poll_armed;
     VdkIoReq *overflow_head, **overflow_tail;
     unsigned noverflow;
+    unsigned inflight;   /* SQEs prepared whose CQE has not been reaped */
+    unsigned cq_limit;   /* CQ entries: inflight never exceeds it */
     VdkIoWorkers *workers;
 };
 
@@ -86,6 +95,7 @@ uring_ctx_new(unsigned depth, int efd, GError **error)
         return NULL;
     }
     ctx->efd = efd;
+    ctx->cq_limit = p.cq_entries ? p.cq_entries : entries;
     ctx->notify = true;
     ctx->overflow_tail = &ctx->overflow_head;
     ctx->workers = vdk_io_workers_new(1, efd);
@@ -104,10 +114,15 @@ uring_ctx_free(VdkIoCtx *ctx)
 static bool
 uring_prep(VdkIoCtx *ctx, VdkIoReq *req)
 {
+    /* one CQE slot stays for the eventfd POLL_ADD of wait() */
+    if (ctx->inflight + 1 >= ctx->cq_limit) {
+        return false;
+    }
     struct io_uring_sqe *sqe = io_uring_get_sqe(&ctx->ring);
     if (!sqe) {
         return false;
     }
+    ctx->inflight++;
     uint64_t off = req->offset + req->done;
     switch (req->op) {
     case VDK_IO_READV:
@@ -247,6 +262,7 @@ uring_reap(VdkIoCtx *ctx)
             if (cqe->user_data == LIBURING_UDATA_TIMEOUT) {
                 /* liburing's own timeout on kernels without EXT_ARG */
             } else if (cqe->user_data == URING_EFD_POLL) {
+                ctx->inflight--;
                 /* Someone signalled the eventfd while we slept: clear it
                  * (the queue looks at its wake lists after reaping). */
                 uint64_t v;
@@ -255,6 +271,7 @@ uring_reap(VdkIoCtx *ctx)
                     /* already cleared */
                 }
             } else {
+                ctx->inflight--;
                 reqs[count] = io_uring_cqe_get_data(cqe);
                 res[count] = cqe->res;
                 count++;
@@ -264,6 +281,10 @@ uring_reap(VdkIoCtx *ctx)
             }
         }
         if (seen == 0) {
+            if (io_uring_cq_has_overflow(&ctx->ring) && io_uring_get_events(&ctx->ring) == 0 &&
+                io_uring_cq_ready(&ctx->ring) > 0) {
+                continue; /* completions the kernel had parked */
+            }
             break;
         }
         io_uring_cq_advance(&ctx->ring, seen);
@@ -306,6 +327,7 @@ uring_wait(VdkIoCtx *ctx, int timeout_ms)
             io_uring_prep_poll_add(sqe, ctx->efd, POLLIN);
             sqe->user_data = URING_EFD_POLL;
             ctx->efd_poll_armed = true;
+            ctx->inflight++;
         }
     }
     uring_drain_overflow(ctx);
