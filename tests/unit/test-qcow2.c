@@ -630,7 +630,9 @@ test_crash(const TestVariant *v)
             }
         }
         vdk_image_close(img, NULL);
-        if (g_find_program_in_path("qemu-img")) {
+        char *qemu_img = g_find_program_in_path("qemu-img");
+        if (qemu_img) {
+            g_free(qemu_img);
             char *cmd = g_strdup_printf("qemu-img check -q '%s' >/dev/null 2>&1", path);
             int rc = test_sh(cmd);
             g_free(cmd);
