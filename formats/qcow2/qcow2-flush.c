@@ -61,6 +61,8 @@ typedef struct {
     bool skip_refcounts; /* lazy refcounts, not closing */
     bool wrote;          /* the previous step wrote something */
     int passes;
+    bool frees_loaded;   /* the refcount blocks the frees need were fetched */
+    uint64_t frees_left; /* closing: clusters still to free after the last pass */
     void *buf;           /* a table or header copy being written */
 } Wb;
 
@@ -132,9 +134,63 @@ l1_or_header_dirty(const Qcow2 *s)
     return s->l1_dirty_lo != UINT64_MAX || s->hdr_dirty;
 }
 
+/* Refcount blocks fetched ahead of one free step (more wait for the next
+ * writeback; the cache holds at least this many at its minimum size). */
+#define WB_FREE_PREFETCH 8
+
+static void
+wb_noop_done(VdkRequest *sub)
+{
+    (void)sub;
+}
+
+/* Start loading (asynchronously) the refcount blocks the pending frees
+ * need that are not cached.  Returns the gathering sub-request to launch
+ * once the lock is dropped (its completion runs the free step again), or
+ * NULL when everything needed is cached. */
+static VdkRequest *
+wb_prefetch_frees(Wb *wb)
+{
+    Qcow2 *s = wb->s;
+    VdkRequest *gather = NULL;
+    uint64_t asked[WB_FREE_PREFETCH];
+    unsigned nasked = 0;
+    for (guint i = 0; i < s->frees->len && nasked < WB_FREE_PREFETCH; i++) {
+        Qcow2Free *f = &g_array_index(s->frees, Qcow2Free, i);
+        uint64_t first = f->offset >> s->cluster_bits;
+        uint64_t last = first + f->count - 1;
+        for (uint64_t idx = first >> s->refblock_bits; idx <= (last >> s->refblock_bits) && nasked < WB_FREE_PREFETCH;
+             idx++) {
+            if (idx >= s->reftable_size || !s->reftable[idx]) {
+                continue;
+            }
+            uint64_t off = s->reftable[idx] & ~QCOW2_REFT_RESERVED;
+            bool dup = false;
+            for (unsigned k = 0; k < nasked; k++) {
+                dup |= asked[k] == off;
+            }
+            if (dup || vdk_mc_peek(s->rc, off)) {
+                continue;
+            }
+            asked[nasked++] = off;
+            if (!gather) {
+                gather = vdk_subreq(wb->r, wb_sub_done, wb);
+            }
+            VdkRequest *one = vdk_subreq(gather, wb_noop_done, NULL);
+            int ret = 0;
+            if (vdk_mc_get(s->rc, off, one, &ret) || ret != VDK_WAIT) {
+                vdk_subreq_launch(one); /* ready after all, or failed: the free step copes */
+            }
+            /* else parked on the load: resumed (and finished) when it lands */
+        }
+    }
+    return gather;
+}
+
 /* Apply the deferred decrements; punch clusters that reach zero.  Runs on
- * the queue thread with the lock held; refcount blocks not in the cache are
- * read synchronously (a rare, bounded cost of freeing). */
+ * the queue thread with the lock held.  Refcount blocks were fetched ahead
+ * (wb_prefetch_frees); a free whose block is not cached waits for the next
+ * writeback, except when closing, where the block is read synchronously. */
 static void
 wb_apply_frees(Wb *wb)
 {
@@ -146,6 +202,12 @@ wb_apply_frees(Wb *wb)
         Qcow2Free *f = &g_array_index(frees, Qcow2Free, i);
         for (uint32_t k = 0; k < f->count; k++) {
             uint64_t off = f->offset + ((uint64_t)k << s->cluster_bits);
+            uint64_t idx = off >> (s->cluster_bits + s->refblock_bits);
+            if (!wb->final && idx < s->reftable_size && s->reftable[idx] &&
+                !vdk_mc_peek(s->rc, s->reftable[idx] & ~QCOW2_REFT_RESERVED)) {
+                qcow2_defer_free(s, off, 1); /* its block is not cached: next writeback */
+                continue;
+            }
             int ret = qcow2_update_refcount(s, off, 1, -1, NULL);
             if (ret == -ENOBUFS || ret == -EBUSY || ret == -ENOMEM) {
                 qcow2_defer_free(s, off, 1); /* next writeback */
@@ -350,6 +412,16 @@ wb_run(Wb *wb)
                 continue;
             }
             g_mutex_lock(&n->lock);
+            if (!wb->frees_loaded && s->frees->len > 0) {
+                wb->frees_loaded = true;
+                VdkRequest *gather = wb_prefetch_frees(wb);
+                if (gather) {
+                    g_mutex_unlock(&n->lock);
+                    wb->step = WB_FREES; /* run this step again once loaded */
+                    vdk_subreq_launch(gather);
+                    return;
+                }
+            }
             bool any = s->frees->len > 0;
             if (any) {
                 wb_apply_frees(wb);
@@ -379,10 +451,19 @@ wb_run(Wb *wb)
             /* Closing: the frees just applied left counts dirty, and lazy
              * refcounts kept them in memory: one more full pass, then the
              * dirty bit can go. */
-            if ((vdk_mc_dirty_count(s->rc) || s->reftable_dirty_lo != UINT64_MAX || s->frees->len) &&
-                wb->passes < 3) {
+            /* With a small refcount cache each pass frees what fits; go on
+             * while passes make progress. */
+            uint64_t left = 0;
+            for (guint i = 0; i < s->frees->len; i++) {
+                left += g_array_index(s->frees, Qcow2Free, i).count;
+            }
+            bool progress = wb->passes < 3 || left < wb->frees_left || left == 0;
+            wb->frees_left = left;
+            if ((vdk_mc_dirty_count(s->rc) || s->reftable_dirty_lo != UINT64_MAX || left) && progress &&
+                wb->passes < 1000000) {
                 wb->passes++;
                 wb->skip_refcounts = false;
+                wb->frees_loaded = false;
                 wb->step = WB_REFBLOCKS;
                 continue;
             }

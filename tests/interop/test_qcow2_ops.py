@@ -507,6 +507,27 @@ def t_unknown_extension_kept(t):
                              fmt='qcow2', extra=['-r']), 'qemu-io read back')
 
 
+def t_free_small_refcount_cache(t):
+    """Frees whose refcount blocks are not cached (a 2 KiB refcount cache,
+    512-byte clusters: ~100 refcount blocks) are fetched asynchronously and
+    applied over several flushes; the image ends clean, holes punched."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512', 'img.qcow2', '16M'), 0)
+    t.qemu_io('img.qcow2', 'write -P 0x11 0 12M', fmt='qcow2')
+    before = os.stat(t.path('img.qcow2')).st_blocks
+    spec = 'driver=qcow2,file.filename=img.qcow2,refcount-cache-size=2k,l2-cache-size=64k'
+    cmds = ['discard 0 6M', 'flush', 'flush', 'write -P 0x22 1M 4096', 'flush', 'discard 8M 1M', 'flush']
+    no_failure(t.vdk_io_raw(spec, cmds, fmt=None, extra=['--image-opts']), 'vdk io discard with a tiny refcount cache')
+    qemu_check_clean(t, 'img.qcow2')
+    no_failure(t.qemu_io_raw('img.qcow2', ['read -P 0 0 1M', 'read -P 0x22 1M 4096', 'read -P 0 %d %d' % (MiB + 4096, 5 * MiB - 4096),
+                                           'read -P 0x11 6M 2M', 'read -P 0 8M 1M', 'read -P 0x11 9M 3M'],
+                             fmt='qcow2', extra=['-r']), 'qemu-io read back')
+    after = os.stat(t.path('img.qcow2')).st_blocks
+    expect(after * 512 < before * 512 - 6 * MiB, 'discarded clusters were not punched out (%d -> %d blocks)' % (before, after))
+    # closing right after a large discard: every free is applied, none leaked
+    no_failure(t.vdk_io_raw(spec, ['discard 0 16M'], fmt=None, extra=['--image-opts']), 'vdk io discard, then close')
+    qemu_check_clean(t, 'img.qcow2', 'qemu-img check after a discard of everything and a close')
+
+
 RAW_CONVERT_OPTS = ['', 'cluster_size=4096', 'cluster_size=512,refcount_bits=64', 'compat=0.10',
                     'compression_type=zstd', 'extended_l2=on,cluster_size=32768', 'refcount_bits=1,lazy_refcounts=on',
                     'cluster_size=2097152']
@@ -552,6 +573,7 @@ suite.add('qcow2-lazy-refcounts/write-after-crash', t_lazy_write_after_crash)
 suite.add('qcow2-lazy-refcounts/vdk-clean-close', t_lazy_vdk_dirty)
 suite.add('qcow2-corrupt-bit/read-only-only', t_corrupt_bit)
 suite.add('qcow2-header/unknown-extensions-kept', t_unknown_extension_kept)
+suite.add_io('qcow2-discard/frees-with-small-refcount-cache', t_free_small_refcount_cache)
 
 suite.add('qcow2-refused/unknown-incompatible-bit', t_unknown_incompat, False)
 suite.add('qcow2-refused/unknown-incompatible-bit-named', t_unknown_incompat, True)
