@@ -33,7 +33,9 @@
 
 typedef struct {
     Qcow2 *s;
-    uint64_t nb;       /* clusters in the file (array size) */
+    uint64_t file_size;
+    uint64_t nb;       /* clusters compared: the file's, or one more if referenced */
+    uint64_t cap;      /* entries in ref[] */
     uint16_t *ref;     /* references counted */
     VdkCheckResult *res;
     uint64_t next_contig;
@@ -57,7 +59,10 @@ msg(Chk *c, const char *fmt, ...)
     va_end(ap);
 }
 
-/* Count one reference to every cluster in [off, off+len). */
+/* Count one reference to every cluster in [off, off+len).  A region
+ * ending a cluster or more past the end of the file is an error and not
+ * counted; one ending within a cluster past it is (the file may be short
+ * by a partial cluster), as qemu-img does. */
 static void
 ref_range(Chk *c, uint64_t off, uint64_t len)
 {
@@ -65,20 +70,28 @@ ref_range(Chk *c, uint64_t off, uint64_t len)
         return;
     }
     uint32_t cb = c->s->cluster_bits;
+    uint64_t end = off + len;
+    if (end < off || (end > c->file_size && end - c->file_size >= c->s->cluster_size)) {
+        msg(c, "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x%"
+            G_GINT64_MODIFIER "x size 0x%" G_GINT64_MODIFIER "x", off, len);
+        c->res->corruptions++;
+        return;
+    }
     uint64_t first = off >> cb;
-    uint64_t last = (off + len - 1) >> cb;
+    uint64_t last = (end - 1) >> cb;
     for (uint64_t i = first; i <= last; i++) {
-        if (i >= c->nb) {
-            msg(c, "ERROR: cluster %" G_GUINT64_FORMAT ": reference beyond the end of the image file", i);
+        if (i >= c->cap) {
+            continue; /* cannot happen: cap covers the file plus a cluster */
+        }
+        if (c->ref[i] == UINT16_MAX) {
+            msg(c, "ERROR: overflow cluster offset=0x%" G_GINT64_MODIFIER "x", i << cb);
             c->res->corruptions++;
             continue;
         }
-        if (c->ref[i] == UINT16_MAX) {
-            msg(c, "ERROR: cluster %" G_GUINT64_FORMAT ": too many references to count", i);
-            c->res->check_errors++;
-            continue;
-        }
         c->ref[i]++;
+        if (i >= c->nb) {
+            c->nb = i + 1;
+        }
     }
 }
 
@@ -140,9 +153,11 @@ scan_l2(Chk *c, uint64_t l2_off, bool active, uint64_t l1_idx)
             continue;
         }
         if (host & (s->cluster_size - 1)) {
-            msg(c, "ERROR offset=%" G_GINT64_MODIFIER "x: Cluster is not properly aligned; L2 entry corrupted.", host);
+            /* reported, and still counted where it points, as qemu-img */
+            bool has_data = s->extl2 ? ((uint32_t)bm != 0) : !(e & QCOW2_OFLAG_ZERO);
+            msg(c, "ERROR offset=%" G_GINT64_MODIFIER "x: %s cluster is not properly aligned; L2 entry corrupted.", host,
+                has_data ? "Data" : "Preallocated");
             c->res->corruptions++;
-            continue;
         }
         ref_range(c, host, s->cluster_size);
         if (active) {
@@ -188,20 +203,19 @@ scan_l1(Chk *c, uint64_t l1_off, uint32_t l1_size, const uint64_t *mem_l1, bool 
     for (uint32_t i = 0; i < l1_size; i++) {
         uint64_t e = mem_l1[i];
         uint64_t t = e & QCOW2_OFFSET_MASK;
-        if (!t) {
+        if (!e) {
             continue;
         }
-        if ((t & (s->cluster_size - 1)) || (e & QCOW2_L1_RESERVED)) {
-            msg(c, "ERROR l2_offset=%" G_GINT64_MODIFIER "x: Table is not cluster aligned; L1 entry corrupted", t);
+        if (e & QCOW2_L1_RESERVED) {
+            msg(c, "ERROR found L1 entry with reserved bits set: %" G_GINT64_MODIFIER "x", e);
             c->res->corruptions++;
-            continue;
-        }
-        if ((t >> s->cluster_bits) >= c->nb) {
-            msg(c, "ERROR l2_offset=%" G_GINT64_MODIFIER "x: Table is beyond the end of the image file", t);
-            c->res->corruptions++;
-            continue;
         }
         ref_range(c, t, s->cluster_size);
+        if (t & (s->cluster_size - 1)) {
+            msg(c, "ERROR l2_offset=%" G_GINT64_MODIFIER "x: Table is not cluster aligned; L1 entry corrupted", t);
+            c->res->corruptions++;
+        }
+        /* read where it points (past the end of the file reads zeroes) */
         scan_l2(c, t, active, i);
     }
     g_free(l1);
@@ -346,21 +360,39 @@ count_references(Chk *c, bool with_refcount_structure)
         }
         ref_range(c, s->snapshots_offset, off - s->snapshots_offset);
     }
-    scan_bitmaps(c);
     if (with_refcount_structure) {
         ref_range(c, s->reftable_offset, (uint64_t)s->reftable_clusters << s->cluster_bits);
-        for (uint64_t i = 0; i < s->reftable_size; i++) {
-            uint64_t off = s->reftable[i] & ~QCOW2_REFT_RESERVED;
+    }
+    scan_bitmaps(c);
+    if (with_refcount_structure) {
+        /* the blocks last: each must then be referenced exactly once */
+        uint64_t disk_entries = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;
+        for (uint64_t i = 0; i < MIN(s->reftable_size, disk_entries); i++) {
+            uint64_t raw = s->reftable[i];
+            uint64_t off = raw & ~QCOW2_REFT_RESERVED;
+            uint64_t cl = off >> s->cluster_bits;
+            if (raw & QCOW2_REFT_RESERVED) {
+                msg(c, "ERROR refcount table entry %" G_GUINT64_FORMAT " has reserved bits set", i);
+                c->res->corruptions++;
+                c->need_rebuild = true;
+                continue;
+            }
             if (!off) {
                 continue;
             }
-            if ((off >> s->cluster_bits) >= c->nb) {
+            if (cl >= c->nb) {
+                /* the rebuild (-r all) leaves it out of the new structure */
                 msg(c, "ERROR refcount block %" G_GUINT64_FORMAT " is outside image", i);
                 c->res->corruptions++;
                 c->need_rebuild = true;
                 continue;
             }
             ref_range(c, off, s->cluster_size);
+            if (c->ref[cl] != 1) {
+                msg(c, "ERROR refcount block %" G_GUINT64_FORMAT " refcount=%u", i, (unsigned)c->ref[cl]);
+                c->res->corruptions++;
+                c->need_rebuild = true;
+            }
         }
     }
     return 0;
@@ -375,14 +407,16 @@ chk_init(Chk *c, Qcow2 *s, VdkCheckResult *res, GError **error)
     if (!vdk_file_refresh_size(s->file, error)) {
         return false;
     }
+    c->file_size = s->file->size;
     c->nb = qcow2_align(s, s->file->size) >> s->cluster_bits;
+    c->cap = c->nb + 1;
     if (c->nb > QCOW2_CHECK_MAX_CLUSTERS) {
         g_set_error(error, VDK_ERROR, EFBIG,
                     "qcow2: the image has %" G_GUINT64_FORMAT " clusters, more than this check can count (%llu)", c->nb,
                     (unsigned long long)QCOW2_CHECK_MAX_CLUSTERS);
         return false;
     }
-    c->ref = g_try_new0(uint16_t, MAX(c->nb, (uint64_t)1));
+    c->ref = g_try_new0(uint16_t, c->cap);
     if (posix_memalign((void **)&c->buf, 4096, s->cluster_size) != 0) {
         c->buf = NULL;
     }
@@ -636,7 +670,7 @@ check_copied(Chk *c, int fix)
     for (uint32_t i = 0; i < s->l1_size && ret == 0; i++) {
         uint64_t e = s->l1[i];
         uint64_t t = e & QCOW2_OFFSET_MASK;
-        if (!t || (t >> s->cluster_bits) >= c->nb || (t & (s->cluster_size - 1))) {
+        if (!t) {
             continue;
         }
         bool err = false;
@@ -668,8 +702,7 @@ check_copied(Chk *c, int fix)
             uint64_t bm;
             uint64_t l2e = qcow2_l2_get(s, c->buf, k, &bm);
             uint64_t h = l2e & QCOW2_OFFSET_MASK;
-            if ((l2e & QCOW2_OFLAG_COMPRESSED) || !h || (h >> s->cluster_bits) >= c->nb ||
-                (h & (s->cluster_size - 1))) {
+            if ((l2e & QCOW2_OFLAG_COMPRESSED) || !h) {
                 continue;
             }
             uint64_t hrc = stored_refcount(c, &rb, h >> s->cluster_bits, &err);

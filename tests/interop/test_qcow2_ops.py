@@ -528,6 +528,45 @@ def t_free_small_refcount_cache(t):
     qemu_check_clean(t, 'img.qcow2', 'qemu-img check after a discard of everything and a close')
 
 
+def t_check_bad_entries(t, how):
+    """L2 entries pointing into a refcount block, past the end of the file
+    and at an unaligned offset; an L1 entry past the end: vdk check reports
+    them with qemu-img's messages, counters, JSON and exit code, and -r all
+    repairs what qemu-img repairs."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'img.qcow2', '1G'), 0)
+    t.qemu_io('img.qcow2', 'write -P 1 0 128k', 'write -P 2 32M 64k', fmt='qcow2')
+    h = read_header(t.path('img.qcow2'))
+    with open(t.path('img.qcow2'), 'r+b') as f:
+        f.seek(h.l1_offset)
+        l1 = [int.from_bytes(f.read(8), 'big') for _ in range(2)]
+        l2 = l1[0] & 0x00fffffffffffe00
+        f.seek(h.refcount_table_offset)
+        rb = int.from_bytes(f.read(8), 'big')
+        if how == 'l2':
+            for idx, entry in ((1, rb), (2, 1 << 40), (3, rb + 512)):
+                f.seek(l2 + 8 * idx)
+                f.write(((1 << 63) | entry).to_bytes(8, 'big'))
+        else:
+            f.seek(h.l1_offset + 8)
+            f.write(((1 << 63) | (1 << 41)).to_bytes(8, 'big'))
+    with open(t.path('img.qcow2'), 'rb') as f, open(t.path('ref.qcow2'), 'wb') as g:
+        g.write(f.read())
+    rv, rq = compare_text(t, ['check', 'img.qcow2'], 'check', rc=2)
+    expect_eq(norm_err(rv.err), norm_err(rq.err), 'vdk check stderr vs qemu-img', rv)
+    compare_json(t, ['check', '--output=json', 'img.qcow2'], 'check --output=json', rc=2)
+    rq = t.qemu_img('check', '-r', 'all', 'ref.qcow2')
+    rv = t.vdk('check', '-r', 'all', 'img.qcow2')
+    expect_eq(rv.rc, rq.rc, 'vdk check -r all exit code vs qemu-img', rv)
+    expect_eq(strip_end_offset(rv.out), strip_end_offset(rq.out), 'vdk check -r all stdout vs qemu-img', rv)
+    expect_eq(norm_err(rv.err), norm_err(rq.err), 'vdk check -r all stderr vs qemu-img', rv)
+    jq, _ = qemu_check_json(t, 'ref.qcow2')
+    jv, _ = qemu_check_json(t, 'img.qcow2')
+    for j in (jq, jv):
+        j.pop('image-end-offset', None)
+        j.pop('filename', None)
+    expect_eq(jv, jq, 'qemu-img check of the image repaired by vdk vs by qemu-img')
+
+
 RAW_CONVERT_OPTS = ['', 'cluster_size=4096', 'cluster_size=512,refcount_bits=64', 'compat=0.10',
                     'compression_type=zstd', 'extended_l2=on,cluster_size=32768', 'refcount_bits=1,lazy_refcounts=on',
                     'cluster_size=2097152']
@@ -573,6 +612,8 @@ suite.add('qcow2-lazy-refcounts/write-after-crash', t_lazy_write_after_crash)
 suite.add('qcow2-lazy-refcounts/vdk-clean-close', t_lazy_vdk_dirty)
 suite.add('qcow2-corrupt-bit/read-only-only', t_corrupt_bit)
 suite.add('qcow2-header/unknown-extensions-kept', t_unknown_extension_kept)
+suite.add('qcow2-check/bad-l2-entries', t_check_bad_entries, 'l2')
+suite.add('qcow2-check/l1-entry-past-eof', t_check_bad_entries, 'l1')
 suite.add_io('qcow2-discard/frees-with-small-refcount-cache', t_free_small_refcount_cache)
 
 suite.add('qcow2-refused/unknown-incompatible-bit', t_unknown_incompat, False)
