@@ -57,6 +57,8 @@ struct VdkOpenOptions {
     VdkCacheMode cache;
     char *engine; /* NULL = auto */
     bool repair;  /* "repair": a corrupt image may be opened read-write to fix it */
+    bool check;   /* "check": opened to be checked: inconsistencies the check
+                   * reports do not refuse the open */
     GHashTable *extra; /* key -> value, driver options */
 };
 

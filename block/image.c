@@ -83,6 +83,10 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
         o->repair = strcmp(value, "off") != 0;
         return;
     }
+    if (strcmp(key, "check") == 0) {
+        o->check = strcmp(value, "off") != 0;
+        return;
+    }
     g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
 }
 
@@ -377,6 +381,7 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.cache = opts->cache;
     img->opts.engine = g_strdup(opts->engine);
     img->opts.repair = opts->repair;
+    img->opts.check = opts->check;
     img->opts.extra = g_hash_table_ref(opts->extra);
     vdk_open_options_free(defaults);
 

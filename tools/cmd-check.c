@@ -160,13 +160,14 @@ cmd_check(int argc, char **argv)
         return 1;
     }
     const char *filename = argv[optind];
-    GPtrArray *extra = NULL;
+    GPtrArray *extra = g_ptr_array_new();
+    g_ptr_array_add(extra, "check");
+    g_ptr_array_add(extra, "on");
     if (fix) {
-        extra = g_ptr_array_new();
         g_ptr_array_add(extra, "repair");
         g_ptr_array_add(extra, "on");
-        o.opts = extra;
     }
+    o.opts = extra;
     VdkImage *img = tool_open(filename, &o);
     if (extra) {
         g_ptr_array_free(extra, TRUE);

@@ -608,7 +608,7 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
     }
     for (uint64_t i = 0; i < s->reftable_size; i++) {
         uint64_t e = s->reftable[i];
-        if (e && ((e & QCOW2_REFT_RESERVED) || (e & (s->cluster_size - 1)))) {
+        if (e && ((e & QCOW2_REFT_RESERVED) || (e & (s->cluster_size - 1))) && !n->img->opts.check) {
             g_set_error(error, VDK_ERROR, EINVAL,
                         "qcow2: refcount table entry %" G_GUINT64_FORMAT " is invalid (0x%" G_GINT64_MODIFIER "x)",
                         i, e);

@@ -117,7 +117,9 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
  * vdk_open_options_set: a driver or block-layer option by name, e.g.
  * ("l2-cache-size", "4M").  Unknown keys make vdk_image_open() fail with an
  * error that names them.  ("repair", "on") lets a read-write open proceed
- * on an image marked corrupt, to repair it.
+ * on an image marked corrupt, to repair it; ("check", "on") opens an image
+ * for vdk_image_check(): metadata the check reports (invalid refcount table
+ * entries) does not refuse the open.
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 

@@ -546,6 +546,9 @@ def t_check_bad_entries(t, how):
             for idx, entry in ((1, rb), (2, 1 << 40), (3, rb + 512)):
                 f.seek(l2 + 8 * idx)
                 f.write(((1 << 63) | entry).to_bytes(8, 'big'))
+        elif how == 'reftable':
+            f.seek(h.refcount_table_offset)
+            f.write((rb | 1).to_bytes(8, 'big'))
         else:
             f.seek(h.l1_offset + 8)
             f.write(((1 << 63) | (1 << 41)).to_bytes(8, 'big'))
@@ -554,6 +557,14 @@ def t_check_bad_entries(t, how):
     rv, rq = compare_text(t, ['check', 'img.qcow2'], 'check', rc=2)
     expect_eq(norm_err(rv.err), norm_err(rq.err), 'vdk check stderr vs qemu-img', rv)
     compare_json(t, ['check', '--output=json', 'img.qcow2'], 'check --output=json', rc=2)
+    if how == 'reftable':
+        # qemu-img 7.2 fails this repair ("Preventing invalid write on
+        # metadata"); vdk rebuilds the structure
+        expect_rc(t.vdk('check', '-r', 'all', 'img.qcow2'), 0, 'vdk check -r all')
+        qemu_check_clean(t, 'img.qcow2')
+        no_failure(t.qemu_io_raw('img.qcow2', ['read -P 1 0 128k', 'read -P 2 32M 64k'], fmt='qcow2', extra=['-r']),
+                   'qemu-io read back after the repair')
+        return
     rq = t.qemu_img('check', '-r', 'all', 'ref.qcow2')
     rv = t.vdk('check', '-r', 'all', 'img.qcow2')
     expect_eq(rv.rc, rq.rc, 'vdk check -r all exit code vs qemu-img', rv)
@@ -614,6 +625,7 @@ suite.add('qcow2-corrupt-bit/read-only-only', t_corrupt_bit)
 suite.add('qcow2-header/unknown-extensions-kept', t_unknown_extension_kept)
 suite.add('qcow2-check/bad-l2-entries', t_check_bad_entries, 'l2')
 suite.add('qcow2-check/l1-entry-past-eof', t_check_bad_entries, 'l1')
+suite.add('qcow2-check/refcount-table-reserved-bits', t_check_bad_entries, 'reftable')
 suite.add_io('qcow2-discard/frees-with-small-refcount-cache', t_free_small_refcount_cache)
 
 suite.add('qcow2-refused/unknown-incompatible-bit', t_unknown_incompat, False)

@@ -336,7 +336,13 @@ typedef struct {
     int bytes;
     uint64_t value;
     const char *expect; /* substring of the error */
+    uint32_t off2;      /* a second field to patch (0: none) */
+    int bytes2;
+    uint64_t value2;
 } HeaderCase;
+
+/* The first header extension (the feature table vdk writes) is at 112. */
+#define EXT0 112
 
 static const HeaderCase header_cases[] = {
     {"magic", 0, 4, 0x51464900, "magic"},
@@ -370,6 +376,15 @@ static const HeaderCase header_cases[] = {
     {"compression-type-no-bit", 104, 1, 1, "compression_type"},
     {"backing-offset-beyond", 8, 8, 0x20000, "backing file name"},
     {"backing-length-huge", 16, 4, 5000, "backing file name"},
+    {"compression-type-unknown", 72, 8, 1ULL << 3, "compression_type 2", 104, 1, 2},
+    {"extl2-small-clusters", 72, 8, 1ULL << 4, "extended L2", 20, 4, 13},
+    {"ext-length-past-header", EXT0 + 4, 4, 0x10000, "runs past the header"},
+    {"ext-feature-table-length", EXT0 + 4, 4, 47, "feature name table"},
+    {"ext-backing-format-long", EXT0, 4, 0xe2792aca, "backing format extension", EXT0 + 4, 4, 40},
+    {"ext-bitmaps-short", EXT0, 4, 0x23852875, "bitmaps extension", EXT0 + 4, 4, 16},
+    {"ext-crypto-unencrypted", EXT0, 4, 0x0537be77, "encryption header extension"},
+    {"ext-data-file", EXT0, 4, 0x44415441, "external data file"},
+    {"backing-name-nul", 8, 8, 600, "NUL", 16, 4, 4},
 };
 
 static void
@@ -380,9 +395,15 @@ test_header_case(gconstpointer data)
     create_qcow2(path, 64 << 20, NULL, NULL);
     int fd = open(path, O_RDWR);
     g_assert_cmpint(fd, >=, 0);
-    uint8_t h[512];
+    uint8_t h[1024];
     g_assert_cmpint(pread(fd, h, sizeof(h), 0), ==, sizeof(h));
     put_be(h + hc->off, hc->bytes, hc->value);
+    if (hc->off2) {
+        put_be(h + hc->off2, hc->bytes2, hc->value2);
+    }
+    if (g_str_equal(hc->name, "backing-name-nul")) {
+        memset(h + 600, 0, 4);
+    }
     if (g_str_equal(hc->name, "backing-length-huge")) {
         put_be(h + 8, 8, 600); /* a backing file name offset, then the length */
     }
@@ -412,6 +433,59 @@ test_header_case(gconstpointer data)
     g_assert_true(g_bytes_equal(content, after));
     g_bytes_unref(content);
     g_bytes_unref(after);
+    g_free(path);
+}
+
+/* A snapshot table entry with a broken field: refused with its name. */
+typedef struct {
+    const char *name;
+    uint64_t l1_offset;
+    uint32_t l1_size;
+    uint32_t extra;
+    const char *expect;
+} SnapCase;
+
+static const SnapCase snap_cases[] = {
+    {"snapshot-extra-huge", 0x10000, 1, 2000, "extra data size 2000"},
+    {"snapshot-l1-unaligned", 0x12345, 1, 16, "not cluster aligned"},
+    {"snapshot-l1-huge", 0x10000, 0x10000000, 16, "L1 table too large"},
+};
+
+static void
+test_snapshot_case(gconstpointer data)
+{
+    const SnapCase *sc = data;
+    char *path = test_path("snap.qcow2");
+    create_qcow2(path, 64 << 20, NULL, NULL);
+    int fd = open(path, O_RDWR);
+    g_assert_cmpint(fd, >=, 0);
+    const uint64_t table = 0x100000; /* past everything the create wrote */
+    uint8_t e[64];
+    memset(e, 0, sizeof(e));
+    put_be(e, 8, sc->l1_offset);
+    put_be(e + 8, 4, sc->l1_size);
+    put_be(e + 12, 2, 1); /* id "1" */
+    put_be(e + 36, 4, sc->extra);
+    g_assert_cmpint(pwrite(fd, e, sizeof(e), (off_t)table), ==, sizeof(e));
+    uint8_t h[8];
+    put_be(h, 4, 1);
+    g_assert_cmpint(pwrite(fd, h, 4, 60), ==, 4);
+    put_be(h, 8, table);
+    g_assert_cmpint(pwrite(fd, h, 8, 64), ==, 8);
+    close(fd);
+    VdkOpenOptions *o = vdk_open_options_new();
+    vdk_open_options_set_read_only(o, true);
+    GError *err = NULL;
+    VdkImage *img = vdk_image_open(path, o, &err);
+    vdk_open_options_free(o);
+    if (img) {
+        g_error("%s: opened despite the broken snapshot table", sc->name);
+    }
+    if (!strstr(err->message, sc->expect)) {
+        g_error("%s: error '%s' does not mention '%s'", sc->name, err->message, sc->expect);
+    }
+    g_assert_null(strchr(err->message, '\n'));
+    g_clear_error(&err);
     g_free(path);
 }
 
@@ -665,6 +739,11 @@ main(int argc, char **argv)
         g_free(p);
     }
     g_test_add_func("/qcow2/header/unknown-feature-named", test_header_feature_name);
+    for (size_t i = 0; i < G_N_ELEMENTS(snap_cases); i++) {
+        char *p = g_strdup_printf("/qcow2/header/%s", snap_cases[i].name);
+        g_test_add_data_func(p, &snap_cases[i], test_snapshot_case);
+        g_free(p);
+    }
     g_test_add_func("/qcow2/runtime-corruption", test_runtime_corruption);
     test_add_variants("qcow2", "crash-sigkill", test_crash, buffered);
     return g_test_run();
