@@ -400,6 +400,16 @@ vdk_copy(const VdkCopyParams *p, GError **error)
             copy_release_writes(&c);
         }
         vdk_queue_submit(c.dq);
+        if (c.error) {
+            /* Stop planning; drain what is in flight.  Slots whose read
+             * finished (or that never needed one) are dropped: nothing
+             * would ever complete them. */
+            for (unsigned i = 0; i < c.nslots; i++) {
+                if (c.slots[i].state == SLOT_READ_DONE) {
+                    c.slots[i].state = SLOT_FREE;
+                }
+            }
+        }
 
         if (!copy_busy(&c)) {
             if (c.error || copy_planning_done(&c)) {
@@ -436,15 +446,6 @@ vdk_copy(const VdkCopyParams *p, GError **error)
         while ((n = vdk_queue_reap(c.dq, cps, G_N_ELEMENTS(cps))) > 0) {
             for (int k = 0; k < n; k++) {
                 copy_handle(&c, &cps[k], false);
-            }
-        }
-        if (c.error) {
-            /* Stop planning; drain what is in flight.  Slots whose read
-             * finished are dropped. */
-            for (unsigned i = 0; i < c.nslots; i++) {
-                if (c.slots[i].state == SLOT_READ_DONE) {
-                    c.slots[i].state = SLOT_FREE;
-                }
             }
         }
     }

@@ -598,6 +598,30 @@ suite.add('qcow2-convert/raw-B-backing-o-backing_fmt', t_convert_backing, 'raw',
 suite.add_io('qcow2-convert/raw-to-qcow2/cluster_size=4096', t_convert_from_raw, 'cluster_size=4096')
 suite.add_io('qcow2-convert/qcow2-zstd-to-qcow2/extended_l2', t_convert_from_qcow2, 'zstd', 'extended_l2=on')
 
+def t_convert_fails_cleanly(t):
+    """A source whose metadata turns out bad part-way (an L1 entry with
+    reserved bits after a zero range) fails the convert with the offset,
+    like qemu-img, instead of hanging: the zero range planned before the
+    failure must not keep the copy loop waiting (-n: it is a real
+    write_zeroes request, not skipped)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', 'img.qcow2', '8M'), 0)
+    t.qemu_io('img.qcow2', 'write -P 7 2M 64k', fmt='qcow2')
+    h = read_header(t.path('img.qcow2'))
+    with open(t.path('img.qcow2'), 'r+b') as f:
+        f.seek(h.l1_offset + 8)  # the L2 table covering 2M..4M
+        f.write((0xffffffff00000000).to_bytes(8, 'big'))
+    with open(t.path('out.raw'), 'wb') as f:
+        f.truncate(8 * MiB)
+    for extra in (['-n'], []):
+        res = t.vdk('convert', '-O', 'raw', *extra, 'img.qcow2', 'out.raw', timeout=20)
+        expect_eq(res.rc, 1, 'vdk convert %s exit code' % ' '.join(extra), res)
+        expect('offset 2097152' in res.err and 'Input/output error' in res.err,
+               'the error names the failing offset', res)
+    expect(not os.path.exists(t.path('out.raw')), 'the failed convert left no target behind')
+
+
+suite.add('qcow2-convert/bad-l1-entry-fails-cleanly', t_convert_fails_cleanly)
+
 suite.add('qcow2-resize/grow-512-L1-grows', t_resize_grow, 'cluster_size=512', 16 * MiB, 64 * MiB)
 suite.add('qcow2-resize/grow-64k', t_resize_grow, 'cluster_size=65536', 16 * MiB, 48 * MiB + 12345 * 512)
 suite.add('qcow2-resize/grow-extl2-lazy', t_resize_grow, 'extended_l2=on,lazy_refcounts=on', 16 * MiB, 40 * MiB)
