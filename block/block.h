@@ -229,6 +229,10 @@ bool vdk_create_opt_prealloc(const VdkCreateOptions *o, VdkPrealloc *out, GError
  * name or unnamed); for an existing block device, the device itself. */
 VdkFile *vdk_create_main_file(VdkCreateCtx *cc);
 const char *vdk_create_filename(VdkCreateCtx *cc);
+/* Measuring: bytes of @src's data, each @unit-sized unit holding data
+ * counted whole once (qemu's rule: zero ranges and unallocated ones are
+ * free, data ranges are rounded out to whole units). */
+bool vdk_measure_allocated(VdkImage *src, uint64_t unit, uint64_t *out, GError **error);
 /* Free bytes on the filesystem that will hold the image. */
 bool vdk_create_check_space(VdkCreateCtx *cc, uint64_t need, GError **error);
 
@@ -327,6 +331,10 @@ struct VdkFormat {
     void (*info)(VdkNode *n, VdkInfo *info);
     /* qemu-img check.  NULL: "This image format does not support checks". */
     bool (*check)(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
+    /* qemu-img measure: the size of a new image of this format created with
+     * @opts, holding @src's content (NULL: empty) of @size guest bytes.
+     * Blocking.  NULL: the format cannot measure. */
+    bool (*measure)(const VdkCreateOptions *opts, VdkImage *src, uint64_t size, VdkMeasure *out, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;

@@ -33,6 +33,7 @@ int cmd_resize(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_io(int argc, char **argv);
+int cmd_measure(int argc, char **argv);
 
 extern bool tool_verbose;
 extern bool tool_quiet;

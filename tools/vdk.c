@@ -22,6 +22,7 @@ static const ToolCommand commands[] = {
     {"info", cmd_info, "show information about an image"},
     {"io", cmd_io, "run qemu-io style commands against an image"},
     {"map", cmd_map, "show where an image's data lives"},
+    {"measure", cmd_measure, "calculate the file size a new image needs"},
     {"resize", cmd_resize, "change an image's virtual size"},
 };
 

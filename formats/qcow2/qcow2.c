@@ -802,6 +802,20 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {NULL, 0, NULL, NULL, false},
 };
 
+bool
+qcow2_image_supports_bitmaps(VdkImage *img)
+{
+    VdkNode *n = img->top;
+    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->version >= 3;
+}
+
+bool
+qcow2_image_has_bitmaps(VdkImage *img)
+{
+    VdkNode *n = img->top;
+    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->has_bitmaps;
+}
+
 const VdkFormat vdk_format_qcow2 = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -821,4 +835,5 @@ const VdkFormat vdk_format_qcow2 = {
     .open_opts = qcow2_open_opts,
     .info = qcow2_info,
     .check = qcow2_check,
+    .measure = qcow2_measure,
 };

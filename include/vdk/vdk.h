@@ -353,6 +353,22 @@ VDK_API bool vdk_create_options_check_backing(VdkCreateOptions *opts, const char
  */
 VDK_API bool vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error);
 
+/** What a new image needs on disk (qemu-img measure). */
+typedef struct VdkMeasure {
+    uint64_t required;        /* bytes for the image with the source's data ("required size") */
+    uint64_t fully_allocated; /* bytes with every cluster/block allocated */
+    bool has_bitmaps;         /* @bitmaps is meaningful (both images can hold persistent bitmaps) */
+    uint64_t bitmaps;         /* bytes for the source's persistent bitmaps */
+} VdkMeasure;
+
+/**
+ * vdk_measure: the size of an image created with @opts (format and -o
+ * options) holding the content of @src, or, with @src NULL, empty and of
+ * the "size" option's size (required then).  Reads @src's block status
+ * (blocking).  Fails with ENOTSUP for formats that cannot measure.
+ */
+VDK_API bool vdk_measure(const VdkCreateOptions *opts, VdkImage *src, VdkMeasure *out, GError **error);
+
 /* ------------------------------------------------------------------------ */
 /* Utilities                                                                 */
 /* ------------------------------------------------------------------------ */
