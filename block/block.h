@@ -335,6 +335,14 @@ struct VdkFormat {
      * @opts, holding @src's content (NULL: empty) of @size guest bytes.
      * Blocking.  NULL: the format cannot measure. */
     bool (*measure)(const VdkCreateOptions *opts, VdkImage *src, uint64_t size, VdkMeasure *out, GError **error);
+    /* Internal snapshots (qemu-img snapshot).  Blocking; no I/O in flight;
+     * the node is writable for create/apply/delete.  NULL: the format has
+     * none (list returns 0). */
+    bool (*snapshot_create)(VdkNode *n, const char *name, GError **error);
+    bool (*snapshot_apply)(VdkNode *n, const char *name, GError **error);
+    bool (*snapshot_delete)(VdkNode *n, const char *name, GError **error);
+    /* The snapshots, newly allocated (vdk_snapshot_list_free); the count. */
+    int (*snapshot_list)(VdkNode *n, VdkSnapshotInfo **out);
 };
 
 extern const VdkFormat vdk_format_raw;

@@ -24,6 +24,7 @@ static const ToolCommand commands[] = {
     {"map", cmd_map, "show where an image's data lives"},
     {"measure", cmd_measure, "calculate the file size a new image needs"},
     {"resize", cmd_resize, "change an image's virtual size"},
+    {"snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots"},
 };
 
 static void

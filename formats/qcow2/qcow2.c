@@ -78,6 +78,8 @@ qcow2_update_header_buf(Qcow2 *s)
     qput64(h + 40, s->l1_offset);
     qput64(h + 48, s->reftable_offset);
     qput32(h + 56, s->reftable_clusters);
+    qput32(h + 60, s->nb_snapshots);
+    qput64(h + 64, s->snapshots_offset);
     if (s->version >= 3) {
         qput64(h + 72, s->incompatible);
         qput64(h + 80, s->compatible);
@@ -223,8 +225,8 @@ read_table(Qcow2 *s, uint64_t offset, uint64_t entries, uint64_t **out, const ch
     return true;
 }
 
-static void
-snapshots_free(Qcow2 *s)
+void
+qcow2_snapshots_free(Qcow2 *s)
 {
     if (!s->snapshots) {
         return;
@@ -232,6 +234,7 @@ snapshots_free(Qcow2 *s)
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         g_free(s->snapshots[i].id);
         g_free(s->snapshots[i].name);
+        g_free(s->snapshots[i].extra);
     }
     g_free(s->snapshots);
     s->snapshots = NULL;
@@ -303,6 +306,8 @@ read_snapshots(Qcow2 *s, GError **error)
             sn->icount = qbe64(var + 16);
             sn->has_icount = sn->icount != UINT64_MAX;
         }
+        sn->extra_len = extra;
+        sn->extra = extra ? g_memdup2(var, extra) : NULL;
         sn->id = g_strndup((const char *)var + extra, id_len);
         sn->name = g_strndup((const char *)var + extra + id_len, name_len);
         g_free(var);
@@ -665,7 +670,7 @@ qcow2_free_state(Qcow2 *s)
     if (s->frees) {
         g_array_free(s->frees, TRUE);
     }
-    snapshots_free(s);
+    qcow2_snapshots_free(s);
     g_free(s->l1);
     g_free(s->reftable);
     g_free(s->hdr);
@@ -836,4 +841,8 @@ const VdkFormat vdk_format_qcow2 = {
     .info = qcow2_info,
     .check = qcow2_check,
     .measure = qcow2_measure,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_apply = qcow2_snapshot_apply,
+    .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_list = qcow2_snapshot_list,
 };

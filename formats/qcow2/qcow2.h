@@ -75,6 +75,8 @@ typedef struct Qcow2Snapshot {
     uint64_t vm_state_size;
     uint64_t icount;
     bool has_icount;
+    uint32_t extra_len;  /* extra data as stored (kept byte for byte on rewrite) */
+    uint8_t *extra;
 } Qcow2Snapshot;
 
 typedef struct Qcow2Alloc Qcow2Alloc;
@@ -295,6 +297,13 @@ bool qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkM
 bool qcow2_image_supports_bitmaps(VdkImage *img);
 bool qcow2_image_has_bitmaps(VdkImage *img);
 extern const VdkOptionDesc qcow2_create_opts[];
+
+/* qcow2-snapshot.c */
+bool qcow2_snapshot_create(VdkNode *n, const char *name, GError **error);
+bool qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error);
+bool qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error);
+int qcow2_snapshot_list(VdkNode *n, VdkSnapshotInfo **out);
+void qcow2_snapshots_free(Qcow2 *s);
 
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);

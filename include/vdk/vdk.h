@@ -353,6 +353,42 @@ VDK_API bool vdk_create_options_check_backing(VdkCreateOptions *opts, const char
  */
 VDK_API bool vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error);
 
+/* ------------------------------------------------------------------------ */
+/* Internal snapshots                                                        */
+/* ------------------------------------------------------------------------ */
+
+/** One internal snapshot (qemu-img snapshot -l's columns). */
+typedef struct VdkSnapshotInfo {
+    char *id;               /* unique ID ("1", "2", ...) */
+    char *name;             /* tag; several snapshots may share one */
+    uint64_t vm_state_size; /* bytes of saved VM state (0 for disk-only snapshots) */
+    uint32_t date_sec, date_nsec; /* creation time (Unix time) */
+    uint64_t vm_clock_nsec; /* guest clock at creation */
+    uint64_t icount;        /* instruction count, or UINT64_MAX when not recorded */
+    uint64_t disk_size;     /* virtual size when it was taken */
+} VdkSnapshotInfo;
+
+/**
+ * vdk_image_snapshot_list: the top image's internal snapshots in table
+ * order, in *@out (free with vdk_snapshot_list_free); returns the count
+ * (0 for formats without snapshots), or -1 with @error set.
+ */
+VDK_API int vdk_image_snapshot_list(VdkImage *img, VdkSnapshotInfo **out, GError **error);
+VDK_API void vdk_snapshot_list_free(VdkSnapshotInfo *list, int count);
+/**
+ * vdk_image_snapshot_create / _apply / _delete: qemu-img snapshot -c / -a /
+ * -d on the top image, which must be writable.  create records the current
+ * disk state under @name (names need not be unique; IDs are); apply
+ * reverts the disk to the first snapshot whose ID or else name is @name;
+ * delete removes the first snapshot named @name.  Crash-safe: an
+ * interruption leaves the old or the new state, at worst with leaked
+ * clusters.  Blocking; no queue of the image may have requests in flight.
+ * ENOTSUP for formats without internal snapshots, ENOENT when not found.
+ */
+VDK_API bool vdk_image_snapshot_create(VdkImage *img, const char *name, GError **error);
+VDK_API bool vdk_image_snapshot_apply(VdkImage *img, const char *name, GError **error);
+VDK_API bool vdk_image_snapshot_delete(VdkImage *img, const char *name, GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
