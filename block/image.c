@@ -351,6 +351,11 @@ image_check_options(VdkImage *img, GError **error)
     g_hash_table_iter_init(&it, img->opts.extra);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
         bool known = false;
+        if (g_str_has_prefix(key, "snapshot") && !img->top->drv->snapshot_list) {
+            g_set_error(error, VDK_ERROR, ENOTSUP, "Failed to load snapshot: %s images have no internal snapshots",
+                        img->top->drv->name);
+            return false;
+        }
         const VdkOptionDesc *d = img->top->drv->open_opts;
         for (; d && d->name; d++) {
             if (strcmp(d->name, key) == 0) {

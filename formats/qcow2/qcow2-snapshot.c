@@ -441,8 +441,8 @@ write_table(Qcow2 *s, Qcow2Snapshot *list, uint32_t count, GError **error)
 }
 
 /* A snapshot's L1 table, validated (host order). */
-static uint64_t *
-read_snapshot_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **error)
+uint64_t *
+qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **error)
 {
     uint64_t bytes = (uint64_t)sn->l1_size * 8;
     uint64_t end;
@@ -699,7 +699,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
         fail_errno(error, r, "flush before applying the snapshot failed");
         goto out;
     }
-    sn_l1 = read_snapshot_l1(s, sn, error);
+    sn_l1 = qcow2_snapshot_load_l1(s, sn, error);
     if (!sn_l1) {
         goto out;
     }
@@ -802,7 +802,7 @@ qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error)
         goto out;
     }
     Qcow2Snapshot gone = s->snapshots[idx];
-    sn_l1 = read_snapshot_l1(s, &gone, error);
+    sn_l1 = qcow2_snapshot_load_l1(s, &gone, error);
     if (!sn_l1) {
         goto out;
     }

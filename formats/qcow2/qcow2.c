@@ -317,6 +317,57 @@ read_snapshots(Qcow2 *s, GError **error)
     return true;
 }
 
+/* Open options snapshot.id / snapshot.name / snapshot (ID or name): the
+ * top image shows that snapshot's disk, read-only (qemu-img convert -l). */
+static bool
+open_snapshot(VdkNode *n, Qcow2 *s, GError **error)
+{
+    GHashTable *kv = n->img->opts.extra;
+    const char *id = g_hash_table_lookup(kv, "snapshot.id");
+    const char *name = g_hash_table_lookup(kv, "snapshot.name");
+    const char *either = g_hash_table_lookup(kv, "snapshot");
+    if (n->depth != 0 || (!id && !name && !either)) {
+        return true;
+    }
+    if (!n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "qcow2: a snapshot can only be opened read-only");
+        return false;
+    }
+    int idx = -1;
+    for (uint32_t i = 0; i < s->nb_snapshots && idx < 0; i++) {
+        const Qcow2Snapshot *sn = &s->snapshots[i];
+        if (either ? !strcmp(sn->id, either) : ((!id || !strcmp(sn->id, id)) && (!name || !strcmp(sn->name, name)))) {
+            idx = (int)i;
+        }
+    }
+    for (uint32_t i = 0; either && i < s->nb_snapshots && idx < 0; i++) {
+        if (!strcmp(s->snapshots[i].name, either)) {
+            idx = (int)i;
+        }
+    }
+    if (idx < 0) {
+        g_set_error(error, VDK_ERROR, ENOENT, "Failed to load snapshot: Can't find snapshot");
+        return false;
+    }
+    const Qcow2Snapshot *sn = &s->snapshots[idx];
+    uint64_t *l1 = qcow2_snapshot_load_l1(s, sn, error);
+    if (!l1) {
+        return false;
+    }
+    if (sn->disk_size > QCOW2_MAX_VIRTUAL_SIZE ||
+        sn->l1_size < ((sn->disk_size + (s->l2_entries << s->cluster_bits) - 1) >> (s->l2_bits + s->cluster_bits))) {
+        g_free(l1);
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: snapshot '%s': its L1 table (%u entries) cannot map its disk size %"
+                    G_GUINT64_FORMAT, sn->name, sn->l1_size, sn->disk_size);
+        return false;
+    }
+    g_free(s->l1);
+    s->l1 = l1;
+    s->l1_size = sn->l1_size;
+    s->size = sn->disk_size;
+    return true;
+}
+
 static uint64_t
 opt_size(VdkNode *n, const char *key, uint64_t def, GError **error, bool *ok)
 {
@@ -629,6 +680,9 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
     if (!read_snapshots(s, error)) {
         return false;
     }
+    if (!open_snapshot(n, s, error)) {
+        return false;
+    }
     s->l1_dirty_lo = s->reftable_dirty_lo = UINT64_MAX;
 
     /* allocation pointer: past everything in the file */
@@ -804,6 +858,9 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"l2-cache-size", VDK_OPT_SIZE, "Maximum L2 table cache size", "32M or what maps the image", false},
     {"refcount-cache-size", VDK_OPT_SIZE, "Maximum refcount block cache size", "8M", false},
     {"l2-cache-entry-size", VDK_OPT_SIZE, "L2 cache slice size", "cluster size", false},
+    {"snapshot.id", VDK_OPT_STRING, "Open this internal snapshot (by ID), read-only", NULL, false},
+    {"snapshot.name", VDK_OPT_STRING, "Open this internal snapshot (by name), read-only", NULL, false},
+    {"snapshot", VDK_OPT_STRING, "Open this internal snapshot (by ID, else name), read-only", NULL, false},
     {NULL, 0, NULL, NULL, false},
 };
 

@@ -304,6 +304,8 @@ bool qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error);
 bool qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error);
 int qcow2_snapshot_list(VdkNode *n, VdkSnapshotInfo **out);
 void qcow2_snapshots_free(Qcow2 *s);
+/* A snapshot's L1 table, validated, in host order (g_free). */
+uint64_t *qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **error);
 
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);

@@ -54,7 +54,6 @@ def content(t, name='img.qcow2', snapshot=None, tool='vdk'):
     if snapshot:
         args += ['-l', 'snapshot.name=' + snapshot]
     if tool == 'vdk':
-        expect(not snapshot, 'vdk convert -l is not used here')
         res = t.vdk(*args, name, 'content.raw')
     else:
         res = t.qemu_img(*args, name, 'content.raw')
@@ -138,6 +137,7 @@ def t_roundtrip(t, cfg):
         m = Model(size)
         m.data[:] = data
         expect_content(t, m, 'snapshot %s read by qemu-img convert -l' % name, snapshot=name, tool='qemu')
+        expect_content(t, m, 'snapshot %s read by vdk convert -l' % name, snapshot=name)
     expect_content(t, model, 'the active image')
     # apply each snapshot with one tool, check the content with the other
     for i, name in enumerate(sorted(saved)):
@@ -187,6 +187,35 @@ def t_info(t):
     rq = t.qemu_img('snapshot', '-l', 'img.qcow2')
     expect('first' in rq.out and 'second' in rq.out and '\n1 ' not in rq.out, 'snapshot 1 is gone, 3 stays', rq)
     qemu_check(t)
+
+
+def t_convert_l(t):
+    """vdk convert -l accepts qemu-img's forms and fails like it."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'img.qcow2', '4M'), 0)
+    t.qemu_io('img.qcow2', 'write -P 1 0 1M', fmt='qcow2')
+    expect_rc(t.qemu_img('snapshot', '-c', 'first', 'img.qcow2'), 0)
+    t.qemu_io('img.qcow2', 'write -P 2 0 1M', fmt='qcow2')
+    expect_rc(t.qemu_img('snapshot', '-c', 'second', 'img.qcow2'), 0)
+    t.qemu_io('img.qcow2', 'write -P 3 0 1M', fmt='qcow2')
+    for param in ('first', '2', 'snapshot.name=second', 'snapshot.id=1', 'snapshot.id=2,snapshot.name=second',
+                  'nosuch', 'snapshot.name=nosuch', 'snapshot.id=1,snapshot.name=second', 'snapshot.foo=1'):
+        for f in ('q.raw', 'v.raw'):
+            if os.path.exists(t.path(f)):
+                os.unlink(t.path(f))
+        rq = t.qemu_img('convert', '-l', param, '-O', 'raw', 'img.qcow2', 'q.raw')
+        rv = t.vdk('convert', '-l', param, '-O', 'raw', 'img.qcow2', 'v.raw')
+        expect_eq(rv.rc, rq.rc, 'convert -l %s: exit code vs qemu-img' % param, rv)
+        if rq.rc == 0:
+            expect(t.content('v.raw') == t.content('q.raw'), 'convert -l %s: the same content as qemu-img' % param)
+        else:
+            expect_eq(rv.err.replace('vdk: img.qcow2: ', '').replace('vdk: ', ''),
+                      rq.err.replace('qemu-img: ', ''), 'convert -l %s: the error vs qemu-img' % param, rv)
+    res = t.vdk('info', '--image-opts', 'driver=qcow2,file.filename=img.qcow2,snapshot.name=first')
+    expect(res.rc == 0 and 'virtual size: 4 MiB' in res.out, 'a snapshot opened through --image-opts', res)
+    res = t.vdk('io', '-r', '-c', 'read -P 2 0 1M', '--image-opts', 'driver=qcow2,file.filename=img.qcow2,snapshot.id=2')
+    expect(res.rc == 0 and 'verification failed' not in res.out, 'vdk io reads the snapshot', res)
+    res = t.vdk('io', '-c', 'write 0 4k', '--image-opts', 'driver=qcow2,file.filename=img.qcow2,snapshot.id=2')
+    expect(res.rc == 1 and 'read-only' in res.err, 'a snapshot opens read-only only', res)
 
 
 def t_errors(t):
@@ -303,6 +332,7 @@ for cfg in CONFIGS:
     suite.add('qcow2-snapshot/roundtrip/' + cfg, t_roundtrip, cfg)
 suite.add('qcow2-snapshot/info-and-list-as-qemu-img', t_info)
 suite.add('qcow2-snapshot/errors', t_errors)
+suite.add('qcow2-snapshot/convert-l', t_convert_l)
 suite.add('qcow2-snapshot/delete-gives-space-back', t_space)
 for op in ('create', 'apply', 'delete'):
     suite.add('qcow2-snapshot/crash-during-' + op, t_crash, op)
