@@ -343,6 +343,9 @@ struct VdkFormat {
     bool (*snapshot_delete)(VdkNode *n, const char *name, GError **error);
     /* The snapshots, newly allocated (vdk_snapshot_list_free); the count. */
     int (*snapshot_list)(VdkNode *n, VdkSnapshotInfo **out);
+    /* Record another backing file name and format (rebase) durably; NULL
+     * or "" name: none.  Blocking; no I/O in flight.  NULL: unsupported. */
+    bool (*change_backing)(VdkNode *n, const char *name, const char *fmt, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;
@@ -407,6 +410,10 @@ typedef enum {
 enum {
     VDK_FLUSH_FINAL = 1u << 8, /* closing: write what a clean close needs */
     VDK_FLUSH_EVICT = 1u << 9, /* a metadata cache is full: write it back, even with cache=unsafe */
+    /* discard: leave the range unallocated in this layer (the backing file
+     * shows through again), the partial cluster at the image's end too
+     * (commit empties an overlay with it) */
+    VDK_DISCARD_UNALLOC = 1u << 10,
 };
 
 #define VDK_REQ_INLINE_IOV 4

@@ -864,6 +864,96 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {NULL, 0, NULL, NULL, false},
 };
 
+/*
+ * Record another backing file (rebase): the header cluster is rebuilt with
+ * the backing format extension first (as qemu writes it), the other
+ * extensions kept in their order, and the name after them; it is written
+ * in one piece and synced.  @name NULL or "": no backing file.
+ */
+bool
+qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **error)
+{
+    Qcow2 *s = n->opaque;
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    if (s->corrupt) {
+        g_set_error(error, VDK_ERROR, EIO, "qcow2: the image is marked corrupt");
+        return false;
+    }
+    size_t name_len = name ? strlen(name) : 0;
+    size_t fmt_len = (name_len && fmt) ? strlen(fmt) : 0;
+    if (name_len > QCOW2_MAX_BACKING_NAME) {
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: backing file name is longer than %d bytes",
+                    QCOW2_MAX_BACKING_NAME);
+        return false;
+    }
+    if (fmt_len > 32) {
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: backing format name '%s' is too long", fmt);
+        return false;
+    }
+    uint32_t cs = s->cluster_size;
+    g_mutex_lock(&n->lock);
+    uint8_t *nh = g_malloc0(cs);
+    memcpy(nh, s->hdr, s->header_length);
+    uint32_t pos = s->header_length;
+    bool fits = true;
+    if (fmt_len) {
+        qput32(nh + pos, QCOW2_EXT_BACKING_FORMAT);
+        qput32(nh + pos + 4, (uint32_t)fmt_len);
+        memcpy(nh + pos + 8, fmt, fmt_len);
+        pos += 8 + (uint32_t)((fmt_len + 7) & ~7u);
+    }
+    uint64_t old_boff = qbe64(s->hdr + 8);
+    uint32_t limit = old_boff && old_boff < cs ? (uint32_t)old_boff : cs;
+    for (uint32_t off = s->header_length; off + 8 <= limit;) {
+        uint32_t t = qbe32(s->hdr + off);
+        uint32_t len = qbe32(s->hdr + off + 4);
+        if (t == QCOW2_EXT_END || len > limit - off - 8) {
+            break;
+        }
+        uint32_t whole = 8 + ((len + 7) & ~7u);
+        if (t != QCOW2_EXT_BACKING_FORMAT) {
+            if (pos + whole + 8 > cs) {
+                fits = false;
+                break;
+            }
+            memcpy(nh + pos, s->hdr + off, MIN(whole, limit - off));
+            pos += whole;
+        }
+        off += whole;
+    }
+    pos += 8; /* end of extensions (zeroes) */
+    if (!fits || pos + name_len > cs) {
+        g_mutex_unlock(&n->lock);
+        g_free(nh);
+        g_set_error(error, VDK_ERROR, ENOSPC, "qcow2: the header extensions and the backing file name do not fit "
+                    "in one cluster (%u bytes)", cs);
+        return false;
+    }
+    if (name_len) {
+        memcpy(nh + pos, name, name_len);
+    }
+    qput64(nh + 8, name_len ? pos : 0);
+    qput32(nh + 16, (uint32_t)name_len);
+    memcpy(s->hdr, nh, cs);
+    s->hdr_used = pos + (uint32_t)name_len;
+    s->hdr_dirty = true;
+    g_free(nh);
+    g_free(n->backing_name);
+    g_free(n->backing_fmt);
+    n->backing_name = name_len ? g_strdup(name) : NULL;
+    n->backing_fmt = fmt_len ? g_strdup(fmt) : NULL;
+    g_mutex_unlock(&n->lock);
+    int r = vdk_image_sync_request(n->img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_EVICT, NULL);
+    if (r < 0) {
+        g_set_error(error, VDK_ERROR, -r, "qcow2: cannot write the header: %s", g_strerror(-r));
+        return false;
+    }
+    return true;
+}
+
 bool
 qcow2_image_supports_bitmaps(VdkImage *img)
 {
@@ -902,4 +992,5 @@ const VdkFormat vdk_format_qcow2 = {
     .snapshot_apply = qcow2_snapshot_apply,
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
+    .change_backing = qcow2_change_backing,
 };

@@ -240,6 +240,7 @@ int qcow2_signal_corruption(Qcow2 *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 /* Patch the in-memory header fields from the state. */
 void qcow2_update_header_buf(Qcow2 *s);
 bool qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error);
+bool qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **error);
 
 /* qcow2-refcount.c */
 /* Allocate @n contiguous clusters at the end of the image with refcount

@@ -389,6 +389,36 @@ VDK_API bool vdk_image_snapshot_create(VdkImage *img, const char *name, GError *
 VDK_API bool vdk_image_snapshot_apply(VdkImage *img, const char *name, GError **error);
 VDK_API bool vdk_image_snapshot_delete(VdkImage *img, const char *name, GError **error);
 
+/* ------------------------------------------------------------------------ */
+/* Backing chains                                                            */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * vdk_image_commit: qemu-img commit.  Writes the data of the top image
+ * (and of the images between it and @base) into @base, a file of @img's
+ * backing chain (NULL: the top's backing file), growing it if it is
+ * smaller; then, unless @keep_overlay or @base is given, empties the top
+ * image so the backing file shows through.  @img must be writable; the
+ * base is opened read-write for the copy.  @progress (may be NULL) gets
+ * bytes done and total and may return false to cancel (ECANCELED).
+ * Blocking; no request may be in flight on @img.
+ */
+VDK_API bool vdk_image_commit(VdkImage *img, const char *base, bool keep_overlay,
+                              bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
+                              GError **error);
+/**
+ * vdk_image_rebase: qemu-img rebase.  Records @backing (format
+ * @backing_fmt, required unless @backing is NULL or "": no backing file)
+ * as the top image's backing file.  Unless @unsafe, first copies into the
+ * top image every range where the old chain and the new backing file
+ * differ, so the guest-visible content stays the same.  Relative names are
+ * resolved against the image's directory and recorded as given.  Close
+ * and reopen @img afterwards to read through the new chain.  Blocking.
+ */
+VDK_API bool vdk_image_rebase(VdkImage *img, const char *backing, const char *backing_fmt, bool unsafe,
+                              bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
+                              GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
