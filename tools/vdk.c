@@ -20,6 +20,7 @@ static const ToolCommand commands[] = {
     {"compare", cmd_compare, "compare the guest-visible content of two images"},
     {"convert", cmd_convert, "copy an image into another file and format"},
     {"create", cmd_create, "create a new image"},
+    {"dd", cmd_dd, "copy part of an image into a new image, like dd(1)"},
     {"info", cmd_info, "show information about an image"},
     {"io", cmd_io, "run qemu-io style commands against an image"},
     {"map", cmd_map, "show where an image's data lives"},
