@@ -333,6 +333,56 @@ scan_map(Vdi *s, char **first)
     return bad;
 }
 
+static char *
+uuid_str(const uint8_t *u)
+{
+    /* VirtualBox's order: the first three fields little endian */
+    return g_strdup_printf("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[3], u[2], u[1],
+                           u[0], u[5], u[4], u[7], u[6], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+}
+
+/* The named parent must be the image this one was made from: its
+ * creation UUID is the link UUID recorded here (when one is). */
+static bool
+check_parent(Vdi *s, VdkNode *n, const char *parent, GError **error)
+{
+    const uint8_t *link = s->hdr + VDI_OFF_UUID_LINK;
+    if (uuid_is_null(link)) {
+        return true;
+    }
+    char *path = vdk_backing_path(n->filename, parent);
+    VdkFile *f = vdk_file_open(path, true, VDK_CACHE_WRITEBACK, error);
+    if (!f) {
+        g_free(path);
+        return false;
+    }
+    uint8_t *h = NULL;
+    int r = -ENOMEM;
+    if (posix_memalign((void **)&h, 4096, VDI_HEADER_BYTES) == 0) {
+        memset(h, 0, VDI_HEADER_BYTES);
+        r = vdk_file_pread_sync(f, h, VDI_HEADER_BYTES, 0);
+    }
+    vdk_file_close(f);
+    bool ok = false;
+    if (r < 0) {
+        g_set_error(error, VDK_ERROR, -r, "vdi: cannot read the parent '%s': %s", path, g_strerror(-r));
+    } else if (le32(h + VDI_OFF_SIGNATURE) != VDI_SIGNATURE) {
+        g_set_error(error, VDK_ERROR, EINVAL, "vdi: the parent '%s' is not a vdi image", path);
+    } else if (memcmp(h + VDI_OFF_UUID_IMAGE, link, 16) != 0) {
+        char *a = uuid_str(h + VDI_OFF_UUID_IMAGE);
+        char *b = uuid_str(link);
+        g_set_error(error, VDK_ERROR, EINVAL, "vdi: the parent '%s' has UUID %s, but this image was made from %s", path,
+                    a, b);
+        g_free(a);
+        g_free(b);
+    } else {
+        ok = true;
+    }
+    free(h);
+    g_free(path);
+    return ok;
+}
+
 static bool
 vdi_open(VdkNode *n, GError **error)
 {
@@ -364,8 +414,17 @@ vdi_open(VdkNode *n, GError **error)
     }
     if (s->differencing && !parent) {
         g_set_error(error, VDK_ERROR, ENOTSUP,
-                    "vdi: this is a differencing image (its parent is not recorded by name): name the parent "
-                    "with -o parent=FILE / --image-opts ...,parent=FILE");
+                    "vdi: this is a differencing image and VDI does not record its parent's file name: name it "
+                    "with --image-opts driver=vdi,file.filename=IMAGE,parent=PARENT");
+        g_free(s);
+        return false;
+    }
+    if (parent && !s->differencing) {
+        g_set_error(error, VDK_ERROR, EINVAL, "vdi: a parent was named but this is not a differencing image");
+        g_free(s);
+        return false;
+    }
+    if (parent && !check_parent(s, n, parent, error)) {
         g_free(s);
         return false;
     }
@@ -417,6 +476,7 @@ vdi_open(VdkNode *n, GError **error)
      * with an entry a crash left unwritten. */
     s->next_index = MAX(s->next_index, s->blocks_allocated);
     if (s->differencing) {
+        /* resolved against this image's directory, like backing names */
         n->backing_name = g_strdup(parent);
         n->backing_fmt = g_strdup("vdi");
     }
