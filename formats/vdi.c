@@ -101,6 +101,7 @@ typedef struct Vdi {
     bool hdr_dirty;
     bool modified;             /* a write happened since open (modification UUID) */
     bool corrupt;              /* bad map entries: read-only, those blocks fail */
+    uint64_t need_end;         /* the file must reach here (end of the last new block) */
     bool differencing;
     VdiAlloc *allocs;
     bool wb_running;
@@ -663,6 +664,7 @@ vdi_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
     } else {
         s->bmap[a->block] = a->index;
         mark_dirty(s, a->block);
+        s->need_end = MAX(s->need_end, block_host(s, a->index) + VDI_BLOCK_SIZE);
         if (s->blocks_allocated < s->next_index) {
             s->blocks_allocated = s->next_index;
         }
@@ -887,6 +889,30 @@ vdi_flush(VdkNode *n, VdkRequest *r)
         g_mutex_unlock(&n->lock);
         return VDK_WAIT;
     }
+    uint64_t need_end = s->need_end;
+    g_mutex_unlock(&n->lock);
+    if (need_end > s->file->size) {
+        /* New blocks are extended to full length by the fallocate before
+         * their data; where the file system could not, the file is
+         * extended here (a metadata-only syscall on the queue thread) so
+         * that every block the map will name lies inside the file. */
+        GError *err = NULL;
+        if (vdk_file_refresh_size(s->file, &err) && need_end > s->file->size) {
+            vdk_file_truncate(s->file, need_end, VDK_PREALLOC_OFF, &err);
+        }
+        if (err) {
+            int code = err->code;
+            g_error_free(err);
+            return -code;
+        }
+    }
+    g_mutex_lock(&n->lock);
+    if (s->wb_running) {
+        r->wait_next = s->wb_waiters;
+        s->wb_waiters = r;
+        g_mutex_unlock(&n->lock);
+        return VDK_WAIT;
+    }
     VdiWb *wb = g_new0(VdiWb, 1);
     wb->s = s;
     wb->r = r;
@@ -1045,6 +1071,9 @@ vdi_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErro
     }
     uint32_t nblocks = MAX((uint32_t)nblocks64, s->blocks);
     uint32_t old_blocks = s->blocks;
+    if (!vdk_file_refresh_size(s->file, error)) {
+        return false;
+    }
     uint64_t need_end = (uint64_t)s->offset_bmap + (uint64_t)nblocks * 4;
     uint32_t shift = 0; /* blocks the data area moves up by */
     uint32_t new_bmap_off = s->offset_bmap;
@@ -1317,6 +1346,11 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
     }
     bool repair = (fix & VDK_CHECK_FIX_ERRORS) && !n->read_only;
     int r = 0;
+    /* (fallocate extensions are not tracked in file->size) */
+    if (!vdk_file_refresh_size(s->file, error)) {
+        g_free(owner);
+        return false;
+    }
     for (int pass = 0; pass < 2; pass++) {
         bool fixing = repair && pass == 0;
         uint64_t problems = 0;
