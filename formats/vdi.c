@@ -1321,8 +1321,10 @@ vdi_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
 static void
 vdi_info(VdkNode *n, VdkInfo *info)
 {
-    (void)n;
     info->cluster_size = VDI_BLOCK_SIZE; /* qemu-img reports the block size */
+    /* differencing images: the parent the caller named */
+    info->backing_filename = g_strdup(n->backing_name);
+    info->backing_format = g_strdup(n->backing_fmt);
 }
 
 /*
