@@ -436,10 +436,19 @@ vdi_open(VdkNode *n, GError **error)
     }
     s->bmap = g_try_new(uint32_t, s->blocks ? s->blocks : 1);
     if ((bytes && !raw) || !s->bmap) {
+        g_set_error(error, VDK_ERROR, ENOMEM, "vdi: cannot allocate the block map (%u entries)", s->blocks);
         free(raw);
         g_free(s->bmap);
         g_free(s);
-        g_set_error(error, VDK_ERROR, ENOMEM, "vdi: cannot allocate the block map (%u entries)", s->blocks);
+        return false;
+    }
+    if (!n->file->is_blockdev && (uint64_t)s->offset_bmap + bytes > n->file->size) {
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "vdi: the file (%" G_GUINT64_FORMAT " bytes) ends inside the block map (0x%x + %u entries)",
+                    n->file->size, s->offset_bmap, s->blocks);
+        free(raw);
+        g_free(s->bmap);
+        g_free(s);
         return false;
     }
     if (bytes) {
@@ -620,7 +629,12 @@ map_write(Vdi *s, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r)
     bool partial = offset != bstart || wend != bend;
     /* Over a parent, the rest of the block is copied from it (a discarded
      * block reads as zeroes through the node, so that is copied too). */
-    a->base.cow = partial && s->differencing;
+    /* (the last block may reach past the disk: nothing to copy there) */
+    uint64_t vend = MIN(bend, s->disk_size);
+    a->base.cow = s->differencing && (offset != bstart || wend != vend);
+    if (a->base.cow) {
+        a->base.guest_end = vend;
+    }
     if (partial && !a->base.cow) {
         a->base.prezero_off = a->base.host_offset;
         a->base.prezero_len = VDI_BLOCK_SIZE;
@@ -703,7 +717,8 @@ vdi_discard(VdkNode *n, VdkRequest *r)
         g_mutex_unlock(&n->lock);
         return -EIO;
     }
-    for (; pos + VDI_BLOCK_SIZE <= end; pos += VDI_BLOCK_SIZE) {
+    /* whole blocks (the last one ends at the end of the disk) */
+    for (; pos < end && (pos + VDI_BLOCK_SIZE <= end || end == s->disk_size); pos += VDI_BLOCK_SIZE) {
         uint32_t e = s->bmap[pos / VDI_BLOCK_SIZE];
         if (VDI_IS_ALLOCATED(e) && !s->differencing) {
             vdk_req_file_discard(r, s->file, block_host(s, e), VDI_BLOCK_SIZE);
