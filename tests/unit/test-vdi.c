@@ -17,6 +17,10 @@
  *   map/bad-entry  an out-of-range map entry: writable opens refused,
  *                read-only reads of that block fail with EIO, check
  *                counts it and -r all repairs it.
+ *   fault/...    a failure at each step of a flush (header write, sync, map
+ *                write, sync) leaves the on-disk map within the on-disk
+ *                count, and a later flush completes it; a failed data write
+ *                of a new block leaves nothing mapped and no hole.
  *   crash        a writer killed with SIGKILL: the image is never worse
  *                than a counted-but-unused block (repairable), and every
  *                write completed before the last flush reads back.
@@ -33,6 +37,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "io/io.h"
 #include "testutil.h"
 
 #define MODEL_SIZE (24u << 20)
@@ -465,6 +470,122 @@ test_bad_entry(void)
     g_free(path);
 }
 
+
+/* ------------------------------------------------------------------------ */
+
+static VdkImage *
+open_fault(const char *path)
+{
+    GError *err = NULL;
+    const VdkIoEngine *inner = vdk_io_engine_select("threads", NULL, &err);
+    g_assert_no_error(err);
+    vdk_io_fault_set_inner(inner);
+    TestVariant fv = {"fault", "writeback"};
+    return open_ok(path, &fv, false);
+}
+
+/* The on-disk state: every mapped index is below the on-disk count and
+ * used once. */
+static void
+assert_disk_consistent(const char *path, uint32_t blocks)
+{
+    uint32_t bmap = file_u32(path, 0x154);
+    uint32_t count = file_u32(path, 0x184);
+    uint8_t seen[64] = {0};
+    g_assert_cmpuint(blocks, <=, 64);
+    for (uint32_t b = 0; b < blocks; b++) {
+        uint32_t e = file_u32(path, bmap + 4 * b);
+        if (e >= 0xfffffffeu) {
+            continue;
+        }
+        if (e >= count) {
+            g_error("block %u maps index %u but the header counts %u", b, e, count);
+        }
+        g_assert_false(seen[e]);
+        seen[e] = 1;
+    }
+}
+
+static void
+test_fault_flush(void)
+{
+    char *path = test_path("fault.vdi");
+    uint8_t buf[4096];
+    for (int k = 1; k <= 4; k++) {
+        create_vdi(path, 8 * MiB, NULL);
+        VdkImage *img = open_fault(path);
+        memset(buf, 0x10 + k, sizeof(buf));
+        g_assert_cmpint(vdk_image_pwrite(img, buf, sizeof(buf), MiB, 0), ==, 0);
+        g_assert_cmpint(vdk_image_flush(img), ==, 0);
+        g_assert_cmpint(vdk_image_pwrite(img, buf, sizeof(buf), 5 * MiB, 0), ==, 0);
+        g_assert_cmpint(vdk_image_pwrite(img, buf, sizeof(buf), 3 * MiB, 0), ==, 0);
+        vdk_io_fault_set(-1, (uint64_t)k, -EIO, false);
+        g_assert_cmpint(vdk_image_flush(img), ==, -EIO);
+        g_assert_cmpuint(vdk_io_fault_hits(), ==, 1);
+        vdk_io_fault_set(0, 0, 0, false);
+        assert_disk_consistent(path, 8);
+        bool sync_failed = k == 2 || k == 4; /* header, sync, map, sync */
+        if (sync_failed) {
+            /* a failed fdatasync sticks to the file: later flushes fail
+             * too (the block layer's rule), the image stays consistent */
+            g_assert_cmpint(vdk_image_flush(img), ==, -EIO);
+            vdk_image_close(img, NULL);
+            assert_disk_consistent(path, 8);
+            img = open_ok(path, NULL, true);
+            VdkCheckResult res;
+            run_check(img, 0, &res);
+            for (guint i = 0; i < res.messages->len; i++) {
+                g_assert_true(g_str_has_prefix(res.messages->pdata[i], "ERROR: allocated blocks mismatch"));
+            }
+            g_ptr_array_unref(res.messages);
+            uint8_t back[4096];
+            g_assert_cmpint(vdk_image_pread(img, back, sizeof(back), MiB), ==, 0);
+            g_assert_cmpmem(back, sizeof(back), buf, sizeof(buf));
+            vdk_image_close(img, NULL);
+            continue;
+        }
+        /* the next flush writes what the failed one did not */
+        g_assert_cmpint(vdk_image_flush(img), ==, 0);
+        assert_disk_consistent(path, 8);
+        g_assert_cmpuint(file_u32(path, 0x184), ==, 3);
+        g_assert_true(vdk_image_close(img, NULL));
+        img = open_ok(path, NULL, true);
+        for (uint64_t off = MiB; off < 6 * MiB; off += 2 * MiB) {
+            uint8_t back[4096];
+            g_assert_cmpint(vdk_image_pread(img, back, sizeof(back), off), ==, 0);
+            g_assert_cmpmem(back, sizeof(back), buf, sizeof(buf));
+        }
+        check_clean(img);
+        vdk_image_close(img, NULL);
+    }
+    g_free(path);
+}
+
+static void
+test_fault_data(void)
+{
+    char *path = test_path("fault-data.vdi");
+    create_vdi(path, 8 * MiB, NULL);
+    VdkImage *img = open_fault(path);
+    uint8_t buf[4096];
+    memset(buf, 0x42, sizeof(buf));
+    vdk_io_fault_set(VDK_IO_WRITEV, 1, -EIO, false);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, sizeof(buf), 2 * MiB, 0), ==, -EIO);
+    vdk_io_fault_set(0, 0, 0, false);
+    uint8_t back[4096];
+    g_assert_cmpint(vdk_image_pread(img, back, sizeof(back), 2 * MiB), ==, 0);
+    g_assert_true(vdk_buffer_is_zero(back, sizeof(back)));
+    /* the index is given back: the next block takes index 0 */
+    g_assert_cmpint(vdk_image_pwrite(img, buf, sizeof(buf), 6 * MiB, 0), ==, 0);
+    g_assert_true(vdk_image_close(img, NULL));
+    g_assert_cmpuint(file_u32(path, file_u32(path, 0x154) + 6 * 4), ==, 0);
+    g_assert_cmpuint(file_u32(path, 0x184), ==, 1);
+    img = open_ok(path, NULL, true);
+    check_clean(img);
+    vdk_image_close(img, NULL);
+    g_free(path);
+}
+
 /* ------------------------------------------------------------------------ */
 
 #define CRASH_SIZE (16u << 20)
@@ -620,6 +741,8 @@ main(int argc, char **argv)
     }
     g_test_add_func("/vdi/header/differencing-needs-parent", test_differencing_refused);
     g_test_add_func("/vdi/map/bad-entry", test_bad_entry);
+    g_test_add_func("/vdi/fault/flush-steps", test_fault_flush);
+    g_test_add_func("/vdi/fault/data-write", test_fault_data);
     test_add_variants("vdi", "crash-sigkill", test_crash, buffered);
     return g_test_run();
 }
