@@ -93,15 +93,15 @@ typedef struct Vdi {
     uint32_t image_type;
     uint32_t offset_bmap, offset_data;
     uint64_t disk_size;
-    uint32_t blocks;           /* blocks in image */
-    uint32_t blocks_allocated; /* header value */
-    uint32_t *bmap;            /* host order, [blocks] */
-    uint32_t next_index;       /* the next block index to hand out */
+    uint32_t blocks;             /* blocks in image */
+    uint32_t blocks_allocated;   /* header value */
+    uint32_t *bmap;              /* host order, [blocks] */
+    uint32_t next_index;         /* the next block index to hand out */
     uint64_t dirty_lo, dirty_hi; /* dirty map entries [lo, hi) */
     bool hdr_dirty;
-    bool modified;             /* a write happened since open (modification UUID) */
-    bool corrupt;              /* bad map entries: read-only, those blocks fail */
-    uint64_t need_end;         /* the file must reach here (end of the last new block) */
+    bool modified;     /* a write happened since open (modification UUID) */
+    bool corrupt;      /* bad map entries: read-only, those blocks fail */
+    uint64_t need_end; /* the file must reach here (end of the last new block) */
     bool differencing;
     VdiAlloc *allocs;
     bool wb_running;
@@ -173,7 +173,8 @@ static int
 vdi_probe(const uint8_t *buf, size_t len, const char *filename)
 {
     (void)filename;
-    if (len >= 0x48 && le32(buf + VDI_OFF_SIGNATURE) == VDI_SIGNATURE && le32(buf + VDI_OFF_VERSION) == VDI_VERSION_1_1) {
+    if (len >= 0x48 && le32(buf + VDI_OFF_SIGNATURE) == VDI_SIGNATURE &&
+        le32(buf + VDI_OFF_VERSION) == VDI_VERSION_1_1) {
         return 100;
     }
     return 0;
@@ -192,7 +193,8 @@ parse_header(Vdi *s, const uint8_t *h, GError **error)
 {
     uint32_t sig = le32(h + VDI_OFF_SIGNATURE);
     if (sig != VDI_SIGNATURE) {
-        g_set_error(error, VDK_ERROR, EINVAL, "vdi: bad signature 0x%08x (expected 0x%08x)", sig, VDI_SIGNATURE);
+        g_set_error(error, VDK_ERROR, EINVAL, "vdi: bad signature 0x%08x (expected 0x%08x)", sig,
+                    VDI_SIGNATURE);
         return false;
     }
     uint32_t version = le32(h + VDI_OFF_VERSION);
@@ -213,21 +215,24 @@ parse_header(Vdi *s, const uint8_t *h, GError **error)
     s->blocks_allocated = le32(h + VDI_OFF_ALLOCATED);
 
     if (s->header_size < VDI_HEADER_SIZE_MIN || s->header_size > VDI_HEADER_BYTES - VDI_OFF_HEADER_SIZE) {
-        g_set_error(error, VDK_ERROR, EINVAL, "vdi: header size %u is invalid (expected %u to %u)", s->header_size,
-                    VDI_HEADER_SIZE_MIN, VDI_HEADER_BYTES - VDI_OFF_HEADER_SIZE);
+        g_set_error(error, VDK_ERROR, EINVAL, "vdi: header size %u is invalid (expected %u to %u)",
+                    s->header_size, VDI_HEADER_SIZE_MIN, VDI_HEADER_BYTES - VDI_OFF_HEADER_SIZE);
         return false;
     }
     if (s->image_type == VDI_TYPE_UNDO) {
         g_set_error(error, VDK_ERROR, ENOTSUP, "vdi: undo images (image type 3) are not supported");
         return false;
     }
-    if (s->image_type != VDI_TYPE_DYNAMIC && s->image_type != VDI_TYPE_STATIC && s->image_type != VDI_TYPE_DIFF) {
-        g_set_error(error, VDK_ERROR, EINVAL, "vdi: image type %u is invalid (expected 1 dynamic, 2 static or 4 differencing)",
+    if (s->image_type != VDI_TYPE_DYNAMIC && s->image_type != VDI_TYPE_STATIC &&
+        s->image_type != VDI_TYPE_DIFF) {
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "vdi: image type %u is invalid (expected 1 dynamic, 2 static or 4 differencing)",
                     s->image_type);
         return false;
     }
     if (sector_size != VDI_SECTOR) {
-        g_set_error(error, VDK_ERROR, ENOTSUP, "vdi: sector size %u is not supported (only %u)", sector_size, VDI_SECTOR);
+        g_set_error(error, VDK_ERROR, ENOTSUP, "vdi: sector size %u is not supported (only %u)", sector_size,
+                    VDI_SECTOR);
         return false;
     }
     if (block_size != VDI_BLOCK_SIZE) {
@@ -236,22 +241,26 @@ parse_header(Vdi *s, const uint8_t *h, GError **error)
         return false;
     }
     if (block_extra != 0) {
-        g_set_error(error, VDK_ERROR, ENOTSUP, "vdi: per-block extra data (%u bytes) is not supported", block_extra);
+        g_set_error(error, VDK_ERROR, ENOTSUP, "vdi: per-block extra data (%u bytes) is not supported",
+                    block_extra);
         return false;
     }
     if (s->offset_bmap % VDI_SECTOR || s->offset_bmap < VDI_HEADER_BYTES) {
-        g_set_error(error, VDK_ERROR, EINVAL, "vdi: block map offset 0x%x is invalid (a multiple of %u from %u)",
-                    s->offset_bmap, VDI_SECTOR, VDI_HEADER_BYTES);
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "vdi: block map offset 0x%x is invalid (a multiple of %u from %u)", s->offset_bmap,
+                    VDI_SECTOR, VDI_HEADER_BYTES);
         return false;
     }
     if (s->blocks > VDI_MAX_BLOCKS) {
-        g_set_error(error, VDK_ERROR, EFBIG, "vdi: blocks in image %u is too large (max %u)", s->blocks, VDI_MAX_BLOCKS);
+        g_set_error(error, VDK_ERROR, EFBIG, "vdi: blocks in image %u is too large (max %u)", s->blocks,
+                    VDI_MAX_BLOCKS);
         return false;
     }
     uint64_t bmap_end = (uint64_t)s->offset_bmap + (uint64_t)s->blocks * 4;
     if (s->offset_data % VDI_SECTOR || s->offset_data < bmap_end) {
         g_set_error(error, VDK_ERROR, EINVAL,
-                    "vdi: data offset 0x%x is invalid (a multiple of %u after the block map, which ends at 0x%" G_GINT64_MODIFIER "x)",
+                    "vdi: data offset 0x%x is invalid (a multiple of %u after the block map, which ends at "
+                    "0x%" G_GINT64_MODIFIER "x)",
                     s->offset_data, VDI_SECTOR, bmap_end);
         return false;
     }
@@ -259,8 +268,8 @@ parse_header(Vdi *s, const uint8_t *h, GError **error)
     s->disk_size = vdk_align_up(s->disk_size, VDI_SECTOR);
     if (s->disk_size > (uint64_t)s->blocks * VDI_BLOCK_SIZE) {
         g_set_error(error, VDK_ERROR, EINVAL,
-                    "vdi: disk size %" G_GUINT64_FORMAT " is larger than the %u blocks in the image hold", s->disk_size,
-                    s->blocks);
+                    "vdi: disk size %" G_GUINT64_FORMAT " is larger than the %u blocks in the image hold",
+                    s->disk_size, s->blocks);
         return false;
     }
     if (s->blocks_allocated > s->blocks) {
@@ -315,14 +324,16 @@ scan_map(Vdi *s, char **first)
         }
         if (e >= s->blocks) {
             if (!bad++ && first) {
-                *first = g_strdup_printf("vdi: block map entry %u is out of range (block index %u, the image has %u blocks)",
-                                         b, e, s->blocks);
+                *first = g_strdup_printf(
+                    "vdi: block map entry %u is out of range (block index %u, the image has %u blocks)", b, e,
+                    s->blocks);
             }
             continue;
         }
         if (seen && seen[e]) {
             if (!bad++ && first) {
-                *first = g_strdup_printf("vdi: block map entry %u uses block index %u, which another entry also uses", b, e);
+                *first = g_strdup_printf(
+                    "vdi: block map entry %u uses block index %u, which another entry also uses", b, e);
             }
         }
         if (seen) {
@@ -338,8 +349,9 @@ static char *
 uuid_str(const uint8_t *u)
 {
     /* VirtualBox's order: the first three fields little endian */
-    return g_strdup_printf("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[3], u[2], u[1],
-                           u[0], u[5], u[4], u[7], u[6], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+    return g_strdup_printf("%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[3], u[2],
+                           u[1], u[0], u[5], u[4], u[7], u[6], u[8], u[9], u[10], u[11], u[12], u[13], u[14],
+                           u[15]);
 }
 
 /* The named parent must be the image this one was made from: its
@@ -372,8 +384,8 @@ check_parent(Vdi *s, VdkNode *n, const char *parent, GError **error)
     } else if (memcmp(h + VDI_OFF_UUID_IMAGE, link, 16) != 0) {
         char *a = uuid_str(h + VDI_OFF_UUID_IMAGE);
         char *b = uuid_str(link);
-        g_set_error(error, VDK_ERROR, EINVAL, "vdi: the parent '%s' has UUID %s, but this image was made from %s", path,
-                    a, b);
+        g_set_error(error, VDK_ERROR, EINVAL,
+                    "vdi: the parent '%s' has UUID %s, but this image was made from %s", path, a, b);
         g_free(a);
         g_free(b);
     } else {
@@ -414,9 +426,10 @@ vdi_open(VdkNode *n, GError **error)
         parent = NULL; /* the option names the top image's parent only */
     }
     if (s->differencing && !parent) {
-        g_set_error(error, VDK_ERROR, ENOTSUP,
-                    "vdi: this is a differencing image and VDI does not record its parent's file name: name it "
-                    "with --image-opts driver=vdi,file.filename=IMAGE,parent=PARENT");
+        g_set_error(
+            error, VDK_ERROR, ENOTSUP,
+            "vdi: this is a differencing image and VDI does not record its parent's file name: name it "
+            "with --image-opts driver=vdi,file.filename=IMAGE,parent=PARENT");
         g_free(s);
         return false;
     }
@@ -444,7 +457,8 @@ vdi_open(VdkNode *n, GError **error)
     }
     if (!n->file->is_blockdev && (uint64_t)s->offset_bmap + bytes > n->file->size) {
         g_set_error(error, VDK_ERROR, EINVAL,
-                    "vdi: the file (%" G_GUINT64_FORMAT " bytes) ends inside the block map (0x%x + %u entries)",
+                    "vdi: the file (%" G_GUINT64_FORMAT
+                    " bytes) ends inside the block map (0x%x + %u entries)",
                     n->file->size, s->offset_bmap, s->blocks);
         free(raw);
         g_free(s->bmap);
@@ -470,8 +484,8 @@ vdi_open(VdkNode *n, GError **error)
     if (bad) {
         bool check = n->img->opts.check;
         if (!check && !n->read_only) {
-            g_set_error(error, VDK_ERROR, EIO, "%s (%" G_GUINT64_FORMAT " bad entries; run 'vdk check -r all')",
-                        first, bad);
+            g_set_error(error, VDK_ERROR, EIO,
+                        "%s (%" G_GUINT64_FORMAT " bad entries; run 'vdk check -r all')", first, bad);
             g_free(first);
             g_free(s->bmap);
             g_free(s);
@@ -568,7 +582,8 @@ map_read(Vdi *s, uint64_t offset, uint64_t len, VdkExtent *ext)
      * unallocated ones show the parent (discarded ones stay zero). */
     bool below = s->differencing && e == VDI_UNALLOCATED;
     uint32_t nb = b + 1;
-    while (stop < end && !VDI_IS_ALLOCATED(s->bmap[nb]) && (s->differencing && s->bmap[nb] == VDI_UNALLOCATED) == below) {
+    while (stop < end && !VDI_IS_ALLOCATED(s->bmap[nb]) &&
+           (s->differencing && s->bmap[nb] == VDI_UNALLOCATED) == below) {
         stop = MIN(end, (uint64_t)(nb + 1) * VDI_BLOCK_SIZE);
         nb++;
     }
@@ -763,7 +778,8 @@ vdi_write_zeroes(VdkNode *n, VdkRequest *r)
         if (VDI_IS_ALLOCATED(e)) {
             note_modified(s);
             uint64_t host = block_host(s, e) + r->cursor % VDI_BLOCK_SIZE;
-            vdk_req_file_zero(r, s->file, host, stop - r->cursor, r->flags & (VDK_REQ_MAY_UNMAP | VDK_REQ_NO_FALLBACK));
+            vdk_req_file_zero(r, s->file, host, stop - r->cursor,
+                              r->flags & (VDK_REQ_MAY_UNMAP | VDK_REQ_NO_FALLBACK));
         } else if (s->differencing && e == VDI_UNALLOCATED) {
             g_mutex_unlock(&n->lock);
             return -ENOTSUP;
@@ -790,11 +806,11 @@ typedef struct {
     Vdi *s;
     VdkRequest *r;
     int step;
-    uint8_t *hdr;   /* header copy to write, or NULL */
-    uint8_t *map;   /* map bytes to write, or NULL */
+    uint8_t *hdr; /* header copy to write, or NULL */
+    uint8_t *map; /* map bytes to write, or NULL */
     uint64_t map_off, map_len;
     uint64_t lo, hi; /* entries covered (re-marked dirty on failure) */
-    bool sync;      /* fdatasync (not with cache=unsafe) */
+    bool sync;       /* fdatasync (not with cache=unsafe) */
 } VdiWb;
 
 static void wb_run(VdiWb *wb);
@@ -1080,8 +1096,9 @@ vdi_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErro
     size = vdk_align_up(size, VDI_SECTOR);
     uint64_t nblocks64 = vdk_align_up(size, VDI_BLOCK_SIZE) / VDI_BLOCK_SIZE;
     if (nblocks64 > VDI_MAX_BLOCKS) {
-        g_set_error(error, VDK_ERROR, EFBIG, "vdi: %" G_GUINT64_FORMAT " bytes need %" G_GUINT64_FORMAT " blocks (max %u)",
-                    size, nblocks64, VDI_MAX_BLOCKS);
+        g_set_error(error, VDK_ERROR, EFBIG,
+                    "vdi: %" G_GUINT64_FORMAT " bytes need %" G_GUINT64_FORMAT " blocks (max %u)", size,
+                    nblocks64, VDI_MAX_BLOCKS);
         return false;
     }
     uint32_t nblocks = MAX((uint32_t)nblocks64, s->blocks);
@@ -1105,12 +1122,13 @@ vdi_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErro
          * its blocks-in-image), so that the image stays valid until the
          * switch. */
         if (nd > UINT32_MAX || (uint64_t)s->next_index + moved > old_blocks) {
-            g_set_error(error, VDK_ERROR, ENOSPC,
-                        "vdi: the block map (at 0x%x, room for %u entries before the data at 0x%x) cannot grow to %u "
-                        "entries in place, and moving the first %u data blocks out of its way needs %u free block "
-                        "indexes (%u are free); use 'vdk convert -O vdi' to a larger new image",
-                        s->offset_bmap, (s->offset_data - s->offset_bmap) / 4, s->offset_data, nblocks, shift,
-                        moved, old_blocks - MIN(old_blocks, s->next_index));
+            g_set_error(
+                error, VDK_ERROR, ENOSPC,
+                "vdi: the block map (at 0x%x, room for %u entries before the data at 0x%x) cannot grow to %u "
+                "entries in place, and moving the first %u data blocks out of its way needs %u free block "
+                "indexes (%u are free); use 'vdk convert -O vdi' to a larger new image",
+                s->offset_bmap, (s->offset_data - s->offset_bmap) / 4, s->offset_data, nblocks, shift, moved,
+                old_blocks - MIN(old_blocks, s->next_index));
             return false;
         }
         new_bmap_off = s->offset_data;
@@ -1235,7 +1253,8 @@ static const VdkOptionDesc vdi_create_opts[] = {
     {"size", VDK_OPT_SIZE, "Virtual disk size", NULL, false},
     {"static", VDK_OPT_BOOL, "VDI static (pre-allocated) image", "off", true},
     {"preallocation", VDK_OPT_STRING,
-     "Preallocation mode (allowed values: off, metadata (= static=on), falloc, full; falloc and full make a static image)",
+     "Preallocation mode (allowed values: off, metadata (= static=on), falloc, full; falloc and full make a "
+     "static image)",
      NULL, false},
     {NULL, 0, NULL, NULL, false},
 };
@@ -1253,7 +1272,8 @@ vdi_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
         g_set_error(error, VDK_ERROR, EINVAL, "Image creation needs a size parameter");
         return false;
     }
-    if (!vdk_create_opt_bool(o, "static", false, &is_static, error) || !vdk_create_opt_prealloc(o, &prealloc, error)) {
+    if (!vdk_create_opt_bool(o, "static", false, &is_static, error) ||
+        !vdk_create_opt_prealloc(o, &prealloc, error)) {
         return false;
     }
     if (vdk_create_opt(o, "backing_file")) {
@@ -1269,15 +1289,16 @@ vdi_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     size = vdk_align_up(size, VDI_SECTOR);
     uint64_t blocks = vdk_align_up(size, VDI_BLOCK_SIZE) / VDI_BLOCK_SIZE;
     if (blocks > VDI_MAX_BLOCKS) {
-        g_set_error(error, VDK_ERROR, EFBIG, "vdi: image size %" G_GUINT64_FORMAT " is too large (max %llu)", size,
-                    (unsigned long long)VDI_MAX_BLOCKS * VDI_BLOCK_SIZE);
+        g_set_error(error, VDK_ERROR, EFBIG, "vdi: image size %" G_GUINT64_FORMAT " is too large (max %llu)",
+                    size, (unsigned long long)VDI_MAX_BLOCKS * VDI_BLOCK_SIZE);
         return false;
     }
     uint64_t bmap_off = VDI_HEADER_BYTES;
     uint64_t data_off = vdk_align_up(bmap_off + blocks * 4, VDI_DATA_ALIGN);
     uint64_t end = data_off + (is_static ? blocks * VDI_BLOCK_SIZE : 0);
     VdkFile *f = vdk_create_main_file(cc);
-    if ((prealloc == VDK_PREALLOC_FALLOC || prealloc == VDK_PREALLOC_FULL) && !vdk_create_check_space(cc, end, error)) {
+    if ((prealloc == VDK_PREALLOC_FALLOC || prealloc == VDK_PREALLOC_FULL) &&
+        !vdk_create_check_space(cc, end, error)) {
         return false;
     }
     size_t map_bytes = (size_t)vdk_align_up(blocks * 4, VDI_SECTOR);
@@ -1383,7 +1404,8 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
             }
             if (e >= s->blocks) {
                 if (pass == 0 || !repair) {
-                    g_ptr_array_add(res->messages, g_strdup_printf("ERROR: block index %u too large, is %u", b, e));
+                    g_ptr_array_add(res->messages,
+                                    g_strdup_printf("ERROR: block index %u too large, is %u", b, e));
                 }
                 problems++;
                 if (fixing) {
@@ -1396,7 +1418,8 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
             counted++;
             if (owner[e] != VDI_UNALLOCATED) {
                 if (pass == 0 || !repair) {
-                    g_ptr_array_add(res->messages, g_strdup_printf("ERROR: block index %u also used by %u", e, e));
+                    g_ptr_array_add(res->messages,
+                                    g_strdup_printf("ERROR: block index %u also used by %u", e, e));
                 }
                 problems++;
                 if (fixing) {
@@ -1447,7 +1470,8 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
         if (max_end > s->file->size) {
             if (pass == 0 || !repair) {
                 g_ptr_array_add(res->messages,
-                                g_strdup_printf("ERROR: the image file is shorter (%" G_GUINT64_FORMAT " bytes) than its blocks need (%" G_GUINT64_FORMAT ")",
+                                g_strdup_printf("ERROR: the image file is shorter (%" G_GUINT64_FORMAT
+                                                " bytes) than its blocks need (%" G_GUINT64_FORMAT ")",
                                                 s->file->size, max_end));
             }
             problems++;
@@ -1464,8 +1488,9 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
         }
         if (counted != s->blocks_allocated) {
             if (pass == 0 || !repair) {
-                g_ptr_array_add(res->messages, g_strdup_printf("ERROR: allocated blocks mismatch, is %u, should be %u",
-                                                               counted, s->blocks_allocated));
+                g_ptr_array_add(res->messages,
+                                g_strdup_printf("ERROR: allocated blocks mismatch, is %u, should be %u",
+                                                counted, s->blocks_allocated));
             }
             problems++;
             if (fixing) {

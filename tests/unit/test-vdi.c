@@ -196,7 +196,8 @@ run_model(const TestVariant *v, const char *create_opts)
         for (unsigned k = 0; k < n; k++) {
             unsigned i = (unsigned)c[k].user_data;
             if (c[k].result < 0) {
-                g_error("round %u op %u (kind %d) failed: %s", round, i, ops[i].kind, g_strerror((int)-c[k].result));
+                g_error("round %u op %u (kind %d) failed: %s", round, i, ops[i].kind,
+                        g_strerror((int)-c[k].result));
             }
             if (ops[i].kind == 0) {
                 g_assert_cmpmem(ops[i].buf, ops[i].len, model + ops[i].off, ops[i].len);
@@ -470,7 +471,6 @@ test_bad_entry(void)
     g_free(path);
 }
 
-
 /* ------------------------------------------------------------------------ */
 
 static VdkImage *
@@ -688,7 +688,8 @@ test_crash(const TestVariant *v)
         g_assert_cmpint(vdk_image_pread(img, buf, CRASH_SIZE, 0), ==, 0);
         for (uint64_t i = 0; i < CRASH_SIZE; i++) {
             if (!unknown[i] && buf[i] != model[i]) {
-                g_error("iteration %d (killed after %d flushed ops): byte %" G_GUINT64_FORMAT " is 0x%02x, expected 0x%02x",
+                g_error("iteration %d (killed after %d flushed ops): byte %" G_GUINT64_FORMAT
+                        " is 0x%02x, expected 0x%02x",
                         iter, flushed, i, buf[i], model[i]);
             }
         }
