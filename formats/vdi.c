@@ -277,7 +277,11 @@ parse_header(Vdi *s, const uint8_t *h, GError **error)
                     s->blocks_allocated, s->blocks);
         return false;
     }
-    s->differencing = s->image_type == VDI_TYPE_DIFF || !uuid_is_null(h + VDI_OFF_UUID_PARENT);
+    /* VirtualBox records the parent in the link UUID (its creation UUID)
+     * and the parent UUID (its modification UUID); either makes the image
+     * depend on another (qemu refuses both) */
+    s->differencing = s->image_type == VDI_TYPE_DIFF || !uuid_is_null(h + VDI_OFF_UUID_PARENT) ||
+                      !uuid_is_null(h + VDI_OFF_UUID_LINK);
     memcpy(s->hdr, h, VDI_HEADER_BYTES);
     return true;
 }

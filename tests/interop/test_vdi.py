@@ -374,6 +374,7 @@ HOSTILE = [
     ('allocated', 100, 'blocks allocated'),
     ('disk_size', 1 << 62, 'disk size'),
     ('uuid_parent', 1, 'differencing'),
+    ('uuid_link', 1, 'differencing'),
 ]
 
 
@@ -451,6 +452,40 @@ def t_differencing(t):
     expect(rv.rc == 1 and 'not a differencing image' in rv.err, 'parent on a plain image refused', rv)
 
 
+def t_fuzz(t, seed):
+    """Mutated headers and block maps (fixed seeds) through every command:
+    no crash, no hang, only the documented exit codes (63: the signature
+    broke and the file probed as raw); after a repair that
+    reports a clean image, qemu-img check agrees."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'vdi', 'base.vdi', '9M'), 0, 'create')
+    t.qemu_io('base.vdi', 'write -P 1 0 2M', 'write -P 2 5M 1M', 'write -P 3 8M 4k', fmt='vdi')
+    good = t.content('base.vdi')
+    rnd = random.Random(seed)
+    for i in range(12):
+        data = bytearray(good)
+        for _ in range(rnd.randrange(1, 4)):
+            if rnd.random() < 0.5:
+                off = rnd.choice([0x44, 0x48, 0x4c, 0x154, 0x158, 0x168, 0x170, 0x174, 0x178, 0x17c, 0x180,
+                                  0x184, 0x1a8, 0x1b8]) + rnd.randrange(0, 4)
+            else:
+                off = 0x200 + rnd.randrange(0, 9 * 4)
+            data[off] = rnd.choice([0, 1, 2, 0x7f, 0x80, 0xfe, 0xff, rnd.randrange(256)])
+        name = 'f%02d.vdi' % i
+        t.write_bytes(name, bytes(data))
+        for args in (['info', '--output=json', name], ['check', name], ['map', '--output=json', name],
+                     ['convert', '-O', 'raw', name, 'o.raw'], ['io', '-c', 'write -P 9 1M 8k', '-c', 'read 0 9M', name],
+                     ['resize', name, '20M']):
+            rv = t.vdk(*args, timeout=60)
+            expect(rv.rc in (0, 1, 2, 3, 63), 'mutation %d: vdk %s exit %d' % (i, args[0], rv.rc), rv)
+            expect('runtime error' not in rv.err and 'AddressSanitizer' not in rv.err,
+                   'mutation %d: vdk %s sanitizer report' % (i, args[0]), rv)
+        rv = t.vdk('check', '-r', 'all', name, timeout=60)
+        expect(rv.rc in (0, 1, 2, 3, 63), 'mutation %d: check -r all exit %d' % (i, rv.rc), rv)
+        if rv.rc == 0:
+            res = t.qemu_img('check', name)
+            expect(res.rc == 0, 'mutation %d: qemu-img check after a clean repair' % i, res)
+
+
 suite.add('read/dynamic', t_read, False)
 suite.add('read/static', t_read, True)
 suite.add_io('read-patterns', t_read_engine)
@@ -473,6 +508,8 @@ suite.add('resize/refused', t_resize_refused)
 suite.add('hostile-headers', t_hostile)
 suite.add('probe', t_probe)
 suite.add('differencing', t_differencing)
+for seed in (1, 2, 3):
+    suite.add('fuzz/seed-%d' % seed, t_fuzz, seed)
 
 if __name__ == '__main__':
     main(suite)
