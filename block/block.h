@@ -351,6 +351,7 @@ struct VdkFormat {
 extern const VdkFormat vdk_format_raw;
 extern const VdkFormat vdk_format_qcow2;
 extern const VdkFormat vdk_format_qcow;
+extern const VdkFormat vdk_format_vdi;
 
 /* Every driver, in probe order. */
 extern const VdkFormat *const vdk_formats[];

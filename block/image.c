@@ -96,6 +96,7 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 
 const VdkFormat *const vdk_formats[] = {
     &vdk_format_qcow2,
+    &vdk_format_vdi,
     &vdk_format_qcow,
     &vdk_format_raw,
 };

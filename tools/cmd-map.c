@@ -41,7 +41,9 @@ map_print(VdkImage *img, const MapEntry *e, bool json, bool *first)
         *first = false;
         return;
     }
-    if (e->data && e->has_offset) {
+    /* qemu-img prints data ranges only, not those that read as zeroes
+     * (holes under allocated data, e.g. a static vdi's unwritten blocks) */
+    if (e->data && !e->zero && e->has_offset) {
         const char *f = vdk_image_get_layer_filename(img, e->depth);
         printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start, e->length, e->offset, f ? f : "");
     }
