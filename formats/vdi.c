@@ -1354,6 +1354,39 @@ vdi_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     return true;
 }
 
+/* measure (qemu-img cannot for vdi): the layout create makes, with a
+ * block for every 1 MiB of the source that holds data (all of them for a
+ * static image). */
+static bool
+vdi_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error)
+{
+    bool is_static;
+    VdkPrealloc prealloc;
+    if (!vdk_create_opt_bool(o, "static", false, &is_static, error) || !vdk_create_opt_prealloc(o, &prealloc, error)) {
+        return false;
+    }
+    if (prealloc != VDK_PREALLOC_OFF) {
+        is_static = true;
+    }
+    size = vdk_align_up(size, VDI_SECTOR);
+    uint64_t blocks = vdk_align_up(size, VDI_BLOCK_SIZE) / VDI_BLOCK_SIZE;
+    if (blocks > VDI_MAX_BLOCKS) {
+        g_set_error(error, VDK_ERROR, EFBIG, "vdi: image size %" G_GUINT64_FORMAT " is too large (max %llu)", size,
+                    (unsigned long long)VDI_MAX_BLOCKS * VDI_BLOCK_SIZE);
+        return false;
+    }
+    uint64_t data_off = vdk_align_up(VDI_HEADER_BYTES + blocks * 4, VDI_DATA_ALIGN);
+    m->fully_allocated = data_off + blocks * VDI_BLOCK_SIZE;
+    uint64_t used = 0;
+    if (is_static) {
+        used = blocks * VDI_BLOCK_SIZE;
+    } else if (src && !vdk_measure_allocated(src, VDI_BLOCK_SIZE, &used, error)) {
+        return false;
+    }
+    m->required = data_off + MIN(used, blocks * VDI_BLOCK_SIZE);
+    return true;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Info and check                                                            */
 /* ------------------------------------------------------------------------ */
@@ -1587,6 +1620,7 @@ const VdkFormat vdk_format_vdi = {
     .flush = vdi_flush,
     .truncate = vdi_truncate,
     .create = vdi_create,
+    .measure = vdi_measure,
     .create_opts = vdi_create_opts,
     .open_opts = vdi_open_opts,
     .info = vdi_info,

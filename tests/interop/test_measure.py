@@ -117,6 +117,27 @@ def t_bound_holds(t):
             os.unlink(t.path('out.qcow2'))
 
 
+def t_vdi(t):
+    """qemu-img cannot measure vdi: vdk's numbers are checked against the
+    files vdk convert makes (exactly the required size for dynamic images,
+    the fully allocated one for static images)."""
+    for name, fmt in sources(t).items():
+        for opts in ('static=off', 'static=on'):
+            res = t.vdk('measure', '--output=json', '-O', 'vdi', '-o', opts, '-f', fmt, name)
+            expect_rc(res, 0, 'vdk measure -O vdi -o %s %s' % (opts, name))
+            m = json.loads(res.out)
+            expect_rc(t.vdk('convert', '-f', fmt, '-O', 'vdi', '-o', opts, name, 'out.vdi'), 0, 'vdk convert')
+            size = os.path.getsize(t.path('out.vdi'))
+            want = m['fully-allocated'] if opts == 'static=on' else m['required']
+            expect_eq(size, want, '%s -> vdi (%s): file size vs measured' % (name, opts))
+            res = t.qemu_img('check', 'out.vdi')
+            expect_rc(res, 0, 'qemu-img check of the vdi')
+            os.unlink(t.path('out.vdi'))
+    res = t.vdk('measure', '-O', 'vdi', '--size', '10G')
+    expect(res.rc == 0 and res.out == 'required size: 1048576\nfully allocated size: 10738466816\n',
+           'an empty 10G vdi: header and map in the first MiB', res)
+
+
 def t_no_measure(t):
     res = t.vdk('measure', '-O', 'qcow', '--size', '1G')
     expect(res.rc == 1 and 'qcow' in res.err, 'a format that cannot be created is refused', res)
@@ -133,6 +154,7 @@ suite.add('measure/empty-images', t_empty)
 suite.add('measure/argument-errors', t_errors)
 suite.add('measure/sources', t_sources)
 suite.add('measure/vdk-convert-fits', t_bound_holds)
+suite.add('measure/vdi-matches-convert', t_vdi)
 suite.add('measure/unsupported-format', t_no_measure)
 suite.add('measure/help', t_help)
 
