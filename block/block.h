@@ -346,6 +346,9 @@ struct VdkFormat {
     /* Record another backing file name and format (rebase) durably; NULL
      * or "" name: none.  Blocking; no I/O in flight.  NULL: unsupported. */
     bool (*change_backing)(VdkNode *n, const char *name, const char *fmt, GError **error);
+    /* qemu-img amend -o KEY=VALUE... (@kv: key -> value).  Blocking; no
+     * I/O in flight.  NULL: the format cannot amend. */
+    bool (*amend)(VdkNode *n, GHashTable *kv, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;

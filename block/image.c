@@ -602,3 +602,20 @@ vdk_image_snapshot_delete(VdkImage *img, const char *name, GError **error)
     VdkNode *n = img->top;
     return snapshot_op_check(img, n->drv->snapshot_delete, name, error) && n->drv->snapshot_delete(n, name, error);
 }
+
+bool
+vdk_image_amend(VdkImage *img, const char *const *kv, GError **error)
+{
+    VdkNode *n = img->top;
+    if (!n->drv->amend) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "Format driver '%s' does not support option amendment", n->drv->name);
+        return false;
+    }
+    GHashTable *h = g_hash_table_new(g_str_hash, g_str_equal);
+    for (size_t i = 0; kv && kv[i] && kv[i + 1]; i += 2) {
+        g_hash_table_replace(h, (gpointer)kv[i], (gpointer)kv[i + 1]);
+    }
+    bool ok = n->drv->amend(n, h, error);
+    g_hash_table_unref(h);
+    return ok;
+}

@@ -14,6 +14,7 @@
 #include "tools/tool.h"
 
 static const ToolCommand commands[] = {
+    {"amend", cmd_amend, "change format options of an existing image"},
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
     {"check", cmd_check, "check an image for consistency"},
     {"commit", cmd_commit, "write an overlay's changes into its backing file"},

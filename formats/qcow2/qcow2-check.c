@@ -895,8 +895,9 @@ qcow2_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GEr
         g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: resize with preallocation is not supported yet");
         return false;
     }
-    if (s->nb_snapshots) {
-        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: cannot resize an image with internal snapshots");
+    if (s->nb_snapshots && size < s->size) {
+        /* growing leaves the snapshots alone (they keep their own size) */
+        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: cannot shrink an image with internal snapshots");
         return false;
     }
     if (size > QCOW2_MAX_VIRTUAL_SIZE) {
@@ -1000,5 +1001,60 @@ qcow2_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GEr
         g_set_error(error, VDK_ERROR, -r, "qcow2: cannot write the new size: %s", g_strerror(-r));
         return false;
     }
+    return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Refcount width (amend refcount_bits=)                                     */
+/* ------------------------------------------------------------------------ */
+
+/* A new refcount structure of width 2^@order bits, built from the
+ * references the metadata holds, written past the end of the file; one
+ * header write switches both the table and the width. */
+bool
+qcow2_change_refcount_width(Qcow2 *s, uint32_t order, GError **error)
+{
+    VdkNode *n = s->node;
+    g_mutex_lock(&n->lock);
+    Chk c;
+    if (!chk_init(&c, s, NULL, error)) {
+        g_mutex_unlock(&n->lock);
+        return false;
+    }
+    VdkCheckResult scratch;
+    memset(&scratch, 0, sizeof(scratch));
+    c.res = &scratch;
+    count_references(&c, false);
+    uint32_t bits = 1u << order;
+    uint64_t max = bits == 64 ? UINT64_MAX : (1ULL << bits) - 1;
+    for (uint64_t i = 0; i < c.nb; i++) {
+        uint64_t v = counts_get(c.ref, i);
+        if (v > max) {
+            chk_free(&c);
+            g_mutex_unlock(&n->lock);
+            g_set_error(error, VDK_ERROR, EINVAL,
+                        "Cannot decrease refcount entry width to %u bits: Cluster at offset %#" G_GINT64_MODIFIER
+                        "x has a refcount of %" G_GUINT64_FORMAT, bits, i << s->cluster_bits, v);
+            return false;
+        }
+    }
+    uint32_t o_order = s->refcount_order, o_bits = s->refcount_bits, o_rbb = s->refblock_bits;
+    uint64_t o_max = s->refcount_max;
+    s->refcount_order = order;
+    s->refcount_bits = bits;
+    s->refblock_bits = s->cluster_bits + 3 - order;
+    s->refcount_max = max;
+    int r = rebuild(&c);
+    chk_free(&c);
+    if (r < 0) {
+        s->refcount_order = o_order;
+        s->refcount_bits = o_bits;
+        s->refblock_bits = o_rbb;
+        s->refcount_max = o_max;
+        g_mutex_unlock(&n->lock);
+        g_set_error(error, VDK_ERROR, -r, "qcow2: writing the new refcount structure failed: %s", g_strerror(-r));
+        return false;
+    }
+    g_mutex_unlock(&n->lock);
     return true;
 }

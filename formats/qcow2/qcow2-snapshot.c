@@ -687,11 +687,10 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
         goto out;
     }
     Qcow2Snapshot *sn = &s->snapshots[idx];
-    if (sn->disk_size != s->size) {
-        g_set_error(error, VDK_ERROR, ENOTSUP,
-                    "qcow2: snapshot '%s' was taken at another disk size (%" PRIu64 " bytes, now %" PRIu64
-                    "); applying it is not supported yet",
-                    name, sn->disk_size, s->size);
+    uint64_t per_l1 = s->l2_entries << s->cluster_bits;
+    if (sn->disk_size > QCOW2_MAX_VIRTUAL_SIZE || (sn->disk_size + per_l1 - 1) / per_l1 > sn->l1_size) {
+        g_set_error(error, VDK_ERROR, EIO, "qcow2: snapshot '%s': its L1 table (%u entries) cannot map its disk size %"
+                    PRIu64, name, sn->l1_size, sn->disk_size);
         goto out;
     }
     int r = sn_flush(s);
@@ -755,6 +754,8 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
     new_l1 = NULL;
     s->l1_size = (uint32_t)new_size;
     s->l1_offset = new_off;
+    s->size = sn->disk_size; /* the disk as it was, size included */
+    n->size = sn->disk_size;
     s->l1_dirty_lo = UINT64_MAX;
     s->l1_dirty_hi = 0;
     s->hdr_dirty = true;

@@ -84,6 +84,7 @@ qcow2_update_header_buf(Qcow2 *s)
         qput64(h + 72, s->incompatible);
         qput64(h + 80, s->compatible);
         qput64(h + 88, s->autoclear);
+        qput32(h + 96, s->refcount_order);
     }
 }
 
@@ -865,6 +866,82 @@ static const VdkOptionDesc qcow2_open_opts[] = {
 };
 
 /*
+ * Rebuild the header cluster in memory for @version (2: 72-byte header, 3:
+ * 112 bytes with the compression type), with @name/@fmt as the backing
+ * file: the backing format extension first (as qemu writes it), the other
+ * extensions kept in their order (the feature name table only for v3),
+ * then the end marker and the name.  Marks the header dirty; the next
+ * flush writes it in one piece.  Lock held.
+ */
+bool
+qcow2_rebuild_header(Qcow2 *s, uint32_t version, const char *name, const char *fmt, GError **error)
+{
+    uint32_t cs = s->cluster_size;
+    size_t name_len = name ? strlen(name) : 0;
+    size_t fmt_len = (name_len && fmt) ? strlen(fmt) : 0;
+    uint32_t hlen = version >= 3 ? 112 : 72;
+    uint8_t *nh = g_malloc0(cs);
+    memcpy(nh, s->hdr, MIN(s->header_length, hlen));
+    qput32(nh + 4, version);
+    if (version >= 3) {
+        if (s->header_length < 104) {
+            /* upgraded: v3 fields start clean */
+            s->incompatible = s->compatible = s->autoclear = 0;
+            s->compression_type = QCOW2_COMPRESSION_ZLIB;
+        }
+        qput32(nh + 96, s->refcount_order);
+        qput32(nh + 100, hlen);
+        nh[104] = s->compression_type;
+    }
+    uint32_t pos = hlen;
+    bool fits = true;
+    if (fmt_len) {
+        qput32(nh + pos, QCOW2_EXT_BACKING_FORMAT);
+        qput32(nh + pos + 4, (uint32_t)fmt_len);
+        memcpy(nh + pos + 8, fmt, fmt_len);
+        pos += 8 + (uint32_t)((fmt_len + 7) & ~7u);
+    }
+    uint64_t old_boff = qbe64(s->hdr + 8);
+    uint32_t limit = old_boff && old_boff < cs ? (uint32_t)old_boff : cs;
+    for (uint32_t off = s->header_length; off + 8 <= limit;) {
+        uint32_t t = qbe32(s->hdr + off);
+        uint32_t len = qbe32(s->hdr + off + 4);
+        if (t == QCOW2_EXT_END || len > limit - off - 8) {
+            break;
+        }
+        uint32_t whole = 8 + ((len + 7) & ~7u);
+        if (t != QCOW2_EXT_BACKING_FORMAT && !(t == QCOW2_EXT_FEATURE_TABLE && version < 3)) {
+            if (pos + whole + 8 > cs) {
+                fits = false;
+                break;
+            }
+            memcpy(nh + pos, s->hdr + off, MIN(whole, limit - off));
+            pos += whole;
+        }
+        off += whole;
+    }
+    pos += 8; /* end of extensions (zeroes) */
+    if (!fits || pos + name_len > cs) {
+        g_free(nh);
+        g_set_error(error, VDK_ERROR, ENOSPC, "qcow2: the header extensions and the backing file name do not fit "
+                    "in one cluster (%u bytes)", cs);
+        return false;
+    }
+    if (name_len) {
+        memcpy(nh + pos, name, name_len);
+    }
+    qput64(nh + 8, name_len ? pos : 0);
+    qput32(nh + 16, (uint32_t)name_len);
+    memcpy(s->hdr, nh, cs);
+    g_free(nh);
+    s->hdr_used = pos + (uint32_t)name_len;
+    s->version = version;
+    s->header_length = hlen;
+    s->hdr_dirty = true;
+    return true;
+}
+
+/*
  * Record another backing file (rebase): the header cluster is rebuilt with
  * the backing format extension first (as qemu writes it), the other
  * extensions kept in their order, and the name after them; it is written
@@ -893,54 +970,11 @@ qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **err
         g_set_error(error, VDK_ERROR, EINVAL, "qcow2: backing format name '%s' is too long", fmt);
         return false;
     }
-    uint32_t cs = s->cluster_size;
     g_mutex_lock(&n->lock);
-    uint8_t *nh = g_malloc0(cs);
-    memcpy(nh, s->hdr, s->header_length);
-    uint32_t pos = s->header_length;
-    bool fits = true;
-    if (fmt_len) {
-        qput32(nh + pos, QCOW2_EXT_BACKING_FORMAT);
-        qput32(nh + pos + 4, (uint32_t)fmt_len);
-        memcpy(nh + pos + 8, fmt, fmt_len);
-        pos += 8 + (uint32_t)((fmt_len + 7) & ~7u);
-    }
-    uint64_t old_boff = qbe64(s->hdr + 8);
-    uint32_t limit = old_boff && old_boff < cs ? (uint32_t)old_boff : cs;
-    for (uint32_t off = s->header_length; off + 8 <= limit;) {
-        uint32_t t = qbe32(s->hdr + off);
-        uint32_t len = qbe32(s->hdr + off + 4);
-        if (t == QCOW2_EXT_END || len > limit - off - 8) {
-            break;
-        }
-        uint32_t whole = 8 + ((len + 7) & ~7u);
-        if (t != QCOW2_EXT_BACKING_FORMAT) {
-            if (pos + whole + 8 > cs) {
-                fits = false;
-                break;
-            }
-            memcpy(nh + pos, s->hdr + off, MIN(whole, limit - off));
-            pos += whole;
-        }
-        off += whole;
-    }
-    pos += 8; /* end of extensions (zeroes) */
-    if (!fits || pos + name_len > cs) {
+    if (!qcow2_rebuild_header(s, s->version, name_len ? name : NULL, fmt_len ? fmt : NULL, error)) {
         g_mutex_unlock(&n->lock);
-        g_free(nh);
-        g_set_error(error, VDK_ERROR, ENOSPC, "qcow2: the header extensions and the backing file name do not fit "
-                    "in one cluster (%u bytes)", cs);
         return false;
     }
-    if (name_len) {
-        memcpy(nh + pos, name, name_len);
-    }
-    qput64(nh + 8, name_len ? pos : 0);
-    qput32(nh + 16, (uint32_t)name_len);
-    memcpy(s->hdr, nh, cs);
-    s->hdr_used = pos + (uint32_t)name_len;
-    s->hdr_dirty = true;
-    g_free(nh);
     g_free(n->backing_name);
     g_free(n->backing_fmt);
     n->backing_name = name_len ? g_strdup(name) : NULL;
@@ -993,4 +1027,5 @@ const VdkFormat vdk_format_qcow2 = {
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
     .change_backing = qcow2_change_backing,
+    .amend = qcow2_amend,
 };

@@ -241,6 +241,7 @@ int qcow2_signal_corruption(Qcow2 *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 void qcow2_update_header_buf(Qcow2 *s);
 bool qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error);
 bool qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **error);
+bool qcow2_rebuild_header(Qcow2 *s, uint32_t version, const char *name, const char *fmt, GError **error);
 
 /* qcow2-refcount.c */
 /* Allocate @n contiguous clusters at the end of the image with refcount
@@ -310,6 +311,10 @@ uint64_t *qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **err
 
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
+/* New refcount structure with entries of 2^@order bits (amend). */
+bool qcow2_change_refcount_width(Qcow2 *s, uint32_t order, GError **error);
+/* qcow2-amend.c */
+bool qcow2_amend(VdkNode *n, GHashTable *kv, GError **error);
 /* Rebuild refcounts from the L1/L2 tables (lazy-refcount repair). */
 bool qcow2_repair_refcounts(Qcow2 *s, GError **error);
 

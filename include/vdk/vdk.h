@@ -419,6 +419,15 @@ VDK_API bool vdk_image_rebase(VdkImage *img, const char *backing, const char *ba
                               bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
                               GError **error);
 
+/**
+ * vdk_image_amend: qemu-img amend -o.  @kv is a NULL-terminated list of
+ * key, value, key, value ...: for qcow2 compat (0.10 / 1.1; a downgrade
+ * expands zero clusters and refuses v3-only features with the reason),
+ * lazy_refcounts, refcount_bits and size.  The top image must be
+ * writable.  Blocking; no I/O in flight.
+ */
+VDK_API bool vdk_image_amend(VdkImage *img, const char *const *kv, GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
