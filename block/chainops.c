@@ -12,7 +12,10 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
 
 #include "block/block.h"
 
@@ -279,4 +282,125 @@ vdk_image_rebase(VdkImage *img, const char *backing, const char *backing_fmt, bo
         return false;
     }
     return true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* allocate: a sparse image made physically allocated                        */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t file_holes;  /* bytes of mapped ranges that are holes in the file */
+    uint64_t unmapped;    /* bytes not allocated in the image at all */
+} AllocPlan;
+
+static bool
+allocate_walk(VdkImage *img, bool apply, VdkPrealloc mode, AllocPlan *plan, void *zbuf,
+              bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque, GError **error)
+{
+    VdkNode *top = img->top;
+    uint64_t size = top->size;
+    memset(plan, 0, sizeof(*plan));
+    for (uint64_t off = 0; off < size;) {
+        VdkBlockStatus bs;
+        int r = vdk_image_block_status(img, off, size - off, &bs);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "block status failed at offset %" G_GUINT64_FORMAT ": %s", off,
+                        g_strerror(-r));
+            return false;
+        }
+        uint64_t len = MIN(bs.length, (uint64_t)CHAIN_CHUNK);
+        bool mapped = (bs.flags & VDK_BS_OFFSET_VALID) && bs.depth == 0;
+        if (mapped && (bs.flags & VDK_BS_ZERO)) {
+            /* a hole of the file behind a mapped range */
+            plan->file_holes += len;
+            if (apply) {
+                if (mode == VDK_PREALLOC_FULL) {
+                    r = vdk_file_pwrite_sync(top->file, zbuf, (size_t)len, bs.host_offset);
+                } else if (fallocate(top->file->fd, 0, (off_t)bs.host_offset, (off_t)len) != 0) {
+                    r = -errno;
+                }
+            }
+        } else if (!(bs.flags & VDK_BS_ALLOCATED) || (!mapped && (bs.flags & VDK_BS_ZERO))) {
+            /* not in the file at all: written as zeroes through the image */
+            plan->unmapped += len;
+            if (apply) {
+                r = vdk_image_pwrite(img, zbuf, (size_t)len, off, 0);
+            }
+        }
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "allocating at offset %" G_GUINT64_FORMAT " failed: %s", off,
+                        g_strerror(-r));
+            return false;
+        }
+        off += len;
+        if (apply && progress && !progress(opaque, off, size)) {
+            g_set_error(error, VDK_ERROR, ECANCELED, "cancelled");
+            return false;
+        }
+    }
+    return true;
+}
+
+bool
+vdk_image_allocate(VdkImage *img, VdkPrealloc mode, bool (*progress)(void *opaque, uint64_t done, uint64_t total),
+                   void *opaque, GError **error)
+{
+    VdkNode *top = img->top;
+    if (top->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    if (mode != VDK_PREALLOC_FALLOC && mode != VDK_PREALLOC_FULL) {
+        g_set_error(error, VDK_ERROR, EINVAL, "allocation mode must be falloc or full");
+        return false;
+    }
+    if (top->backing) {
+        g_set_error(error, VDK_ERROR, ENOTSUP,
+                    "the image has a backing file: allocating its unallocated ranges would hide the backing "
+                    "file's data (flatten it first: vdk rebase -b \"\")");
+        return false;
+    }
+    if (top->file->is_blockdev) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "the image is on a block device: nothing to allocate");
+        return false;
+    }
+    void *zbuf = NULL;
+    if (posix_memalign(&zbuf, 4096, CHAIN_CHUNK) != 0) {
+        g_set_error(error, VDK_ERROR, ENOMEM, "out of memory");
+        return false;
+    }
+    memset(zbuf, 0, CHAIN_CHUNK);
+    /* 1. what is missing, and is there room for it (metadata: 1/64 more) */
+    AllocPlan plan;
+    bool ok = allocate_walk(img, false, mode, &plan, zbuf, NULL, NULL, error);
+    if (ok) {
+        uint64_t need = plan.file_holes + plan.unmapped + plan.unmapped / 64;
+        struct statvfs sv;
+        if (fstatvfs(top->file->fd, &sv) == 0) {
+            uint64_t avail = (uint64_t)sv.f_bavail * sv.f_frsize;
+            if (need > avail) {
+                g_set_error(error, VDK_ERROR, ENOSPC,
+                            "not enough free space: %" G_GUINT64_FORMAT " bytes needed, %" G_GUINT64_FORMAT
+                            " available",
+                            need, avail);
+                ok = false;
+            }
+        }
+    }
+    /* 2. allocate, then make it durable */
+    if (ok) {
+        ok = allocate_walk(img, true, mode, &plan, zbuf, progress, opaque, error);
+    }
+    free(zbuf);
+    if (ok) {
+        int r = vdk_image_flush(img);
+        if (r == 0 && fsync(top->file->fd) != 0) {
+            r = -errno;
+        }
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "flush failed: %s", g_strerror(-r));
+            ok = false;
+        }
+    }
+    return ok;
 }

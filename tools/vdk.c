@@ -14,6 +14,7 @@
 #include "tools/tool.h"
 
 static const ToolCommand commands[] = {
+    {"allocate", cmd_allocate, "make a sparse image physically allocated"},
     {"amend", cmd_amend, "change format options of an existing image"},
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
     {"check", cmd_check, "check an image for consistency"},

@@ -428,6 +428,19 @@ VDK_API bool vdk_image_rebase(VdkImage *img, const char *backing, const char *ba
  */
 VDK_API bool vdk_image_amend(VdkImage *img, const char *const *kv, GError **error);
 
+/**
+ * vdk_image_allocate: make a sparse image physically allocated ("allocate
+ * when it matters"): ranges mapped to holes of the file (raw holes, qcow2
+ * preallocation=metadata) are allocated with fallocate (@mode
+ * VDK_PREALLOC_FALLOC) or written with zeroes (VDK_PREALLOC_FULL); ranges
+ * the image does not map at all are written with zeroes.  The free space
+ * is checked first (ENOSPC with the numbers, nothing changed).  Images
+ * with a backing file are refused (the zeroes would hide it).  Blocking.
+ */
+VDK_API bool vdk_image_allocate(VdkImage *img, VdkPrealloc mode,
+                                bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
+                                GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
