@@ -229,6 +229,11 @@ bool vdk_create_opt_prealloc(const VdkCreateOptions *o, VdkPrealloc *out, GError
  * name or unnamed); for an existing block device, the device itself. */
 VdkFile *vdk_create_main_file(VdkCreateCtx *cc);
 const char *vdk_create_filename(VdkCreateCtx *cc);
+/* A further file of a multi-file image (vmdk extents): @name is a plain
+ * file name in the main file's directory.  It is built like the main file
+ * (unnamed or hidden until the create succeeds) and published just before
+ * it; a failed create leaves neither. */
+VdkFile *vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error);
 /* Free bytes on the filesystem that will hold the image. */
 bool vdk_create_check_space(VdkCreateCtx *cc, uint64_t need, GError **error);
 
@@ -331,6 +336,7 @@ struct VdkFormat {
 
 extern const VdkFormat vdk_format_raw;
 extern const VdkFormat vdk_format_qcow2;
+extern const VdkFormat vdk_format_vmdk;
 
 /* Every driver, in probe order. */
 extern const VdkFormat *const vdk_formats[];

@@ -96,6 +96,7 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 
 const VdkFormat *const vdk_formats[] = {
     &vdk_format_qcow2,
+    &vdk_format_vmdk,
     &vdk_format_raw,
 };
 const size_t vdk_formats_count = G_N_ELEMENTS(vdk_formats);
