@@ -577,6 +577,12 @@ vmdk_open(VdkNode *n, GError **error)
         e->len = e->h.capacity * 512;
         n->size = e->len;
     } else {
+        if (fsize >= 4 && memchr(hb, '\0', (size_t)MIN(fsize, (uint64_t)512))) {
+            /* binary: neither a sparse extent nor a text descriptor */
+            g_set_error(error, VDK_ERROR, EINVAL,
+                        "vmdk: bad magic 0x%08x (neither a sparse extent \"KDMV\" nor a text descriptor)", rd32(hb));
+            goto fail;
+        }
         if (fsize > VMDK_MAX_DESC_BYTES) {
             g_set_error(error, VDK_ERROR, EINVAL, "vmdk: descriptor file too large (%" G_GUINT64_FORMAT " bytes, max %u)",
                         fsize, VMDK_MAX_DESC_BYTES);
@@ -609,7 +615,9 @@ vmdk_open(VdkNode *n, GError **error)
         }
     }
     if (s->desc.parent_hint) {
+        /* a delta disk's parent is a vmdk, as in qemu */
         n->backing_name = g_strdup(s->desc.parent_hint);
+        n->backing_fmt = g_strdup("vmdk");
     }
     n->opaque = s;
     g_free(hb);
@@ -620,6 +628,8 @@ vmdk_open(VdkNode *n, GError **error)
             n->opaque = NULL;
             g_free(n->backing_name);
             n->backing_name = NULL;
+            g_free(n->backing_fmt);
+            n->backing_fmt = NULL;
             vmdk_free(s);
             return false;
         }
@@ -1734,6 +1744,7 @@ vmdk_info(VdkNode *n, VdkInfo *info)
     info->specific_lines = lines;
     if (s->desc.parent_hint) {
         info->backing_filename = g_strdup(s->desc.parent_hint);
+        info->backing_format = g_strdup("vmdk");
     }
 }
 
@@ -2270,7 +2281,14 @@ vmdk_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     char *stem = g_str_has_suffix(base, ".vmdk") ? g_strndup(base, strlen(base) - 5) : g_strdup(base);
     bool ok = false;
     GString *ext = g_string_new(NULL);
-    bool sparse = strstr(p.subformat, "Sparse") != NULL;
+    bool sparse = strstr(p.subformat, "Sparse") != NULL || !strcmp(p.subformat, "streamOptimized");
+    if (!sparse && p.zeroed_grain) {
+        g_set_error(error, VDK_ERROR, EINVAL, "Flat image can't enable zeroed grain");
+        g_free(base);
+        g_free(stem);
+        g_string_free(ext, TRUE);
+        return false;
+    }
     if (!strcmp(p.subformat, "monolithicSparse") || !strcmp(p.subformat, "streamOptimized")) {
         g_string_append_printf(ext, "RW %" G_GUINT64_FORMAT " SPARSE \"%s\"\n", p.size / 512, base);
         char *desc = make_descriptor(&p, cid, ext->str);
@@ -2333,7 +2351,7 @@ static const VdkOptionDesc vmdk_create_opts[] = {
      "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | "
      "twoGbMaxExtentFlat | streamOptimized} ",
      NULL, false},
-    {"zeroed_grain", VDK_OPT_BOOL, "Enable efficient zero writes using the zeroed-grain GTE feature", "off", true},
+    {"zeroed_grain", VDK_OPT_BOOL, "Enable efficient zero writes using the zeroed-grain GTE feature", "off", false},
     {NULL, 0, NULL, NULL, false},
 };
 
