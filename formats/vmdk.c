@@ -441,11 +441,15 @@ open_extents(Vmdk *s, GError **error)
             return false;
         }
         char *path = vdk_backing_path(n->filename, d->fname);
-        e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, error);
-        g_free(path);
+        GError *ferr = NULL;
+        e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, &ferr);
         if (!e->file) {
+            g_set_error(error, VDK_ERROR, ferr->code, "vmdk: extent file '%s': %s", path, ferr->message);
+            g_error_free(ferr);
+            g_free(path);
             return false;
         }
+        g_free(path);
         e->own_file = true;
         if (d->type == VMDK_ET_FLAT) {
             uint64_t end;
@@ -577,7 +581,13 @@ vmdk_open(VdkNode *n, GError **error)
         e->len = e->h.capacity * 512;
         n->size = e->len;
     } else {
-        if (fsize >= 4 && memchr(hb, '\0', (size_t)MIN(fsize, (uint64_t)512))) {
+        /* qemu pads descriptors it rewrote with NULs: text up to the first
+         * NUL is fine, control bytes in it are not */
+        bool binary = fsize >= 4 && hb[0] == '\0';
+        for (size_t i = 0; i < (size_t)MIN(fsize, (uint64_t)512) && hb[i]; i++) {
+            binary |= hb[i] < 0x20 && hb[i] != '\t' && hb[i] != '\r' && hb[i] != '\n';
+        }
+        if (binary) {
             /* binary: neither a sparse extent nor a text descriptor */
             g_set_error(error, VDK_ERROR, EINVAL,
                         "vmdk: bad magic 0x%08x (neither a sparse extent \"KDMV\" nor a text descriptor)", rd32(hb));
