@@ -1088,6 +1088,217 @@ vmdk_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext, Vdk
     return vmdk_map(n, offset, len, 0, ext, r);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Zero writes                                                               */
+/* ------------------------------------------------------------------------ */
+
+/* Ranges to fill with zero buffers once the lock is dropped (the normal
+ * write path maps them, which takes the lock). */
+typedef struct {
+    uint64_t off[VMDK_MAX_ALLOC_GRAINS + 1];
+    uint64_t len[VMDK_MAX_ALLOC_GRAINS + 1];
+    unsigned n;
+} ZeroList;
+
+static void
+zero_later(ZeroList *zl, uint64_t off, uint64_t len)
+{
+    if (zl->n && zl->off[zl->n - 1] + zl->len[zl->n - 1] == off) {
+        zl->len[zl->n - 1] += len;
+        return;
+    }
+    zl->off[zl->n] = off;
+    zl->len[zl->n] = len;
+    zl->n++;
+}
+
+/* Write zero buffers over the listed ranges through the normal write path. */
+static void
+zero_buffers(VdkNode *n, VdkRequest *r, const ZeroList *zl)
+{
+    size_t zlen;
+    const void *z = vdk_zero_buffer(&zlen);
+    for (unsigned i = 0; i < zl->n; i++) {
+        uint64_t off = zl->off[i], len = zl->len[i];
+        while (len) {
+            uint64_t k = MIN(len, (uint64_t)zlen);
+            struct iovec v = {(void *)z, (size_t)k};
+            vdk_request_io_node(r, n, VDK_OP_WRITE, off, &v, 1, k);
+            off += k;
+            len -= k;
+        }
+    }
+}
+
+/* One step on a sparse extent with zeroed-grain entries, from r->cursor to
+ * @end (inside the extent): whole grains that hold no data of their own
+ * become zeroed grains (GTE 1); allocated grains and partial grains are
+ * written with zero buffers (no grain is dropped, so nothing leaks).
+ * Lock held.  Returns 0 (cursor advanced), VDK_WAIT or -errno. */
+static int
+zero_sparse_step(Vmdk *s, VmdkExt *e, VdkRequest *r, uint64_t end, ZeroList *zl)
+{
+    uint64_t pos = r->cursor;
+    uint64_t gstart = vdk_align_down(pos - e->start, e->grain_bytes) + e->start;
+    uint64_t gend = MIN(gstart + e->grain_bytes, e->start + e->len);
+    if (pos != gstart || gend > end) {
+        uint64_t stop = MIN(end, gend);
+        zero_later(zl, pos, stop - pos);
+        r->cursor = stop;
+        return 0;
+    }
+    VmdkAllocation *busy = alloc_conflict(e, gstart, gend);
+    if (busy) {
+        r->wait_next = busy->waiters;
+        busy->waiters = r;
+        return VDK_WAIT;
+    }
+    GLoc l;
+    gloc(e, pos - e->start, &l);
+    uint64_t t, rt = 0;
+    int ret = gt_offset(s, e, e->gd, l.gdi, &t);
+    if (ret < 0) {
+        return ret;
+    }
+    if (e->rgd && (ret = gt_offset(s, e, e->rgd, l.gdi, &rt)) < 0) {
+        return ret;
+    }
+    if (!t || (e->rgd && !rt)) {
+        if (t || rt) {
+            return vmdk_corrupt(s, "grain directory entry %" G_GUINT64_FORMAT " differs from its redundant copy",
+                                l.gdi);
+        }
+        if ((ret = new_gt(s, e, l.gdi)) < 0) {
+            return ret;
+        }
+        t = (uint64_t)e->gd[l.gdi] * 512;
+        rt = e->rgd ? (uint64_t)e->rgd[l.gdi] * 512 : 0;
+    }
+    uint64_t soff = (l.gti * 4) & ~(uint64_t)(VMDK_GT_SLICE - 1);
+    VdkMetaEntry *sl = vdk_mc_get(e->gtc, t + soff, r, &ret);
+    if (!sl) {
+        return ret ? ret : -EIO;
+    }
+    vdk_mc_pin(sl);
+    VdkMetaEntry *rsl = NULL;
+    if (rt) {
+        rsl = vdk_mc_get(e->gtc, rt + soff, r, &ret);
+        if (!rsl) {
+            vdk_mc_unpin(sl);
+            return ret ? ret : -EIO;
+        }
+    }
+    bool changed = false;
+    uint32_t idx = l.in_slice;
+    while (idx < l.slice_n && pos < end) {
+        uint64_t g0 = e->start + (((pos - e->start) >> e->grain_shift) << e->grain_shift);
+        uint64_t g1 = MIN(g0 + e->grain_bytes, e->start + e->len);
+        if (g1 > end || alloc_conflict(e, g0, g1)) {
+            break;
+        }
+        uint32_t v = rd32((uint8_t *)sl->data + idx * 4);
+        if (v > 1) {
+            zero_later(zl, g0, g1 - g0); /* keep the grain, write zeroes into it */
+        } else if (v == 0) {
+            wr32((uint8_t *)sl->data + idx * 4, 1);
+            if (rsl) {
+                wr32((uint8_t *)rsl->data + idx * 4, 1);
+            }
+            changed = true;
+        }
+        pos = g1;
+        idx++;
+    }
+    if (changed) {
+        vdk_mc_mark_dirty(e->gtc, sl);
+        if (rsl) {
+            vdk_mc_mark_dirty(e->gtc, rsl);
+        }
+    }
+    vdk_mc_unpin(sl);
+    r->cursor = pos;
+    return 0;
+}
+
+static int
+vmdk_write_zeroes(VdkNode *n, VdkRequest *r)
+{
+    Vmdk *s = n->opaque;
+    uint64_t end = r->offset + r->len;
+    if (r->drv_state == 0) {
+        /* Only flat extents and sparse extents with zeroed grains do better
+         * than zero buffers; anything else is left to the block layer. */
+        g_mutex_lock(&n->lock);
+        bool ok = !s->corrupt && !s->stream_write;
+        for (uint64_t p = r->offset; p < end && ok;) {
+            VmdkExt *e = find_ext(s, p);
+            ok = e && !e->read_only &&
+                 (e->type == VMDK_ET_FLAT || (e->type == VMDK_ET_SPARSE && e->zeroed_grain && !e->compressed));
+            p = e ? e->start + e->len : end;
+        }
+        g_mutex_unlock(&n->lock);
+        if (!ok) {
+            return -ENOTSUP;
+        }
+        r->drv_state = 1;
+        r->cursor = r->offset;
+    }
+    while (r->cursor < end) {
+        g_mutex_lock(&n->lock);
+        VmdkExt *e = find_ext(s, r->cursor);
+        if (!e) {
+            g_mutex_unlock(&n->lock);
+            return -EIO;
+        }
+        uint64_t stop = MIN(end, e->start + e->len);
+        int ret = 0;
+        ZeroList zl;
+        zl.n = 0;
+        VdkFile *flat_file = NULL;
+        uint64_t flat_off = 0, flat_len = 0;
+        if (e->type == VMDK_ET_FLAT) {
+            flat_file = e->file;
+            flat_off = e->flat_offset + (r->cursor - e->start);
+            flat_len = stop - r->cursor;
+            r->cursor = stop;
+        } else {
+            ret = zero_sparse_step(s, e, r, stop, &zl);
+        }
+        bool evict = ret == -ENOBUFS && !s->wb_running;
+        if (ret == -ENOBUFS) {
+            r->wait_next = s->wb_waiters;
+            s->wb_waiters = r;
+            ret = VDK_WAIT;
+        }
+        if (ret == 0 && !s->cid_updated && s->desc.has_cid) {
+            s->cid_updated = true;
+            uint32_t cid;
+            do {
+                cid = g_random_int();
+            } while (cid == s->desc.cid || cid == 0xffffffffu);
+            s->desc.cid = cid;
+            char v[16];
+            g_snprintf(v, sizeof(v), "%08x", cid);
+            char *t = vdk_vmdk_desc_set_key(s->desc_text, "CID", v);
+            g_free(s->desc_text);
+            s->desc_text = t;
+            s->desc_dirty = true;
+        }
+        g_mutex_unlock(&n->lock);
+        if (flat_file) {
+            vdk_req_file_zero(r, flat_file, flat_off, flat_len, r->flags & ~(uint32_t)VDK_REQ_NO_FALLBACK);
+        }
+        zero_buffers(n, r, &zl);
+        if (evict) {
+            vmdk_writeback_async(s, r->q);
+        }
+        if (ret) {
+            return ret;
+        }
+    }
+    return 0;
+}
+
 static void
 vmdk_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
 {
@@ -1600,7 +1811,10 @@ stream_write_out(Vmdk *s, GError **error)
                 out[i] = NULL;
             }
         }
-        if (any) {
+        /* every table is written, empty ones too, as VMware's own stream
+         * writer does (readers may expect a table per directory entry) */
+        (void)any;
+        {
             marker(mk, gt_sectors, VMDK_MARKER_GT);
             if (!pwrite_all(f, mk, 512, pos, error)) {
                 goto out;
@@ -2161,14 +2375,17 @@ make_descriptor(const CreateParams *p, uint32_t cid, const char *extents)
         heads = 255;
         cyl = MIN(sectors / (255 * 63), (uint64_t)16383);
     }
+    bool stream = !strcmp(p->subformat, "streamOptimized");
     GString *d = g_string_new(NULL);
     g_string_append_printf(d,
                            "# Disk DescriptorFile\n"
                            "version=1\n"
+                           "%s"
                            "CID=%08x\n"
                            "parentCID=%08x\n"
                            "createType=\"%s\"\n",
-                           cid, p->backing ? p->parent_cid : 0xffffffffu, p->subformat);
+                           stream ? "encoding=\"UTF-8\"\n" : "", cid, p->backing ? p->parent_cid : 0xffffffffu,
+                           p->subformat);
     if (p->backing) {
         g_string_append_printf(d, "parentFileNameHint=\"%s\"\n", p->backing);
     }
@@ -2187,6 +2404,12 @@ make_descriptor(const CreateParams *p, uint32_t cid, const char *extents)
                            "ddb.adapterType = \"%s\"\n"
                            "ddb.toolsVersion = \"%s\"\n",
                            extents, p->hwversion, cyl, heads, p->adapter, p->toolsversion);
+    if (stream) {
+        /* what VMware's stream writer adds (the content id, 128 bits,
+         * ending with the CID) */
+        g_string_append_printf(d, "ddb.longContentID = \"%08x%08x%08x%08x\"\n", g_random_int(), g_random_int(),
+                               g_random_int(), cid);
+    }
     return g_string_free(d, FALSE);
 }
 
@@ -2380,6 +2603,7 @@ const VdkFormat vdk_format_vmdk = {
     .alloc_done = vmdk_alloc_done,
     .decompress = vmdk_decompress,
     .block_status = vmdk_block_status,
+    .write_zeroes = vmdk_write_zeroes,
     .flush = vmdk_flush,
     .truncate = vmdk_truncate,
     .create = vmdk_create,
