@@ -413,6 +413,33 @@ def t_zeroed_grain(t):
     qemu_identical(t, 'img.vmdk', 'm.raw')
 
 
+def t_fuzz(t):
+    """Mutated metadata (header, descriptor, directories, tables) through
+    info, check, map and convert: errors are fine, crashes and hangs are not."""
+    t.vdk('create', '-f', 'vmdk', '-o', 'zeroed_grain=on', 'base.vmdk', '32M')
+    t.vdk_io('base.vmdk', 'write -P 1 0 200k', 'write -z 1M 128k', 'write -P 2 20M 64k', fmt='vmdk')
+    base = t.content('base.vmdk')
+    hdr = base[:512]
+    gd = struct.unpack_from('<Q', hdr, 56)[0] * 512
+    rgd = struct.unpack_from('<Q', hdr, 48)[0] * 512
+    gt = struct.unpack_from('<I', base, gd)[0] * 512
+    regions = [(0, 80), (512, 600), (gd, 64), (rgd, 64), (gt, 2048)]
+    rnd = random.Random(1234)
+    for i in range(150):
+        data = bytearray(base)
+        off, ln = rnd.choice(regions)
+        for _ in range(rnd.randint(1, 6)):
+            p = off + rnd.randrange(ln)
+            data[p] = rnd.randrange(256)
+        t.write_bytes('f.vmdk', bytes(data))
+        for args in (['info', '--output=json', 'f.vmdk'], ['check', 'f.vmdk'], ['map', '--output=json', 'f.vmdk'],
+                     ['convert', '-O', 'raw', 'f.vmdk', 'f.raw']):
+            res = t.vdk(*args, timeout=60)
+            expect(res.rc in (0, 1, 2, 3, 63), 'round %d: vdk %s exited with %d' % (i, args[0], res.rc), res)
+        if os.path.exists(t.path('f.raw')):
+            os.unlink(t.path('f.raw'))
+
+
 for s in SUBFORMATS:
     suite.add('qemu-read/' + s, t_qemu_read, s)
     suite.add('vdk-write/' + s, t_vdk_write, s)
@@ -431,6 +458,7 @@ suite.add('check/overlap', t_check_overlap)
 suite.add('hostile', t_hostile)
 suite.add('create-options', t_create_help)
 suite.add('zeroed-grain', t_zeroed_grain)
+suite.add('fuzz', t_fuzz)
 
 if __name__ == '__main__':
     main(suite)
