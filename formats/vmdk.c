@@ -2075,6 +2075,16 @@ vmdk_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
         if (!e->compressed) {
             /* grains appended but never referenced (an interrupted write) */
             uint64_t meta_end = e->h.overhead * 512;
+            /* directories moved past the overhead by a resize */
+            for (int k = 0; k < 2; k++) {
+                uint64_t a = k ? e->rgd_off : e->gd_off;
+                if (a && (k == 0 || e->rgd)) {
+                    uint64_t bytes = e->gd_entries * 4;
+                    for (uint64_t o = a / e->grain_bytes; o <= (a + bytes - 1) / e->grain_bytes && o < nslots; o++) {
+                        used[o] = 1;
+                    }
+                }
+            }
             for (uint64_t t = 0; t < e->gd_entries; t++) {
                 for (int k = 0; k < 2; k++) {
                     uint32_t *gd = k ? e->rgd : e->gd;
@@ -2177,6 +2187,46 @@ desc_set_extent_sectors(const char *text, guint idx, uint64_t sectors)
     return g_string_free(out, FALSE);
 }
 
+/* Write back an extent's dirty grain tables and directories (control
+ * path, no I/O in flight). */
+static bool
+write_meta_sync(VmdkExt *e, GError **error)
+{
+    if (vdk_mc_dirty_count(e->gtc)) {
+        int r = vdk_mc_write_dirty_sync(e->gtc);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write grain tables: %s", g_strerror(-r));
+            return false;
+        }
+    }
+    if (e->gd_dirty) {
+        if (vdk_file_flush_sync(e->file) < 0) {
+            g_set_error(error, VDK_ERROR, EIO, "vmdk: cannot sync '%s'", e->file->filename);
+            return false;
+        }
+        size_t bytes = (size_t)e->gd_entries * 4;
+        uint8_t *b = g_malloc0(MAX(bytes, (size_t)1));
+        for (int k = 0; k < 2; k++) {
+            uint32_t *t = k ? e->rgd : e->gd;
+            if (!t) {
+                continue;
+            }
+            for (uint64_t i = 0; i < e->gd_entries; i++) {
+                wr32(b + i * 4, t[i]);
+            }
+            int r = vdk_file_pwrite_sync(e->file, b, bytes, k ? e->rgd_off : e->gd_off);
+            if (r < 0) {
+                g_free(b);
+                g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write the grain directory: %s", g_strerror(-r));
+                return false;
+            }
+        }
+        g_free(b);
+        e->gd_dirty = false;
+    }
+    return true;
+}
+
 static bool
 vmdk_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error)
 {
@@ -2212,18 +2262,7 @@ vmdk_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErr
         h.capacity = new_len / 512;
         uint64_t entries = vdk_vmdk_gd_entries(&h);
         uint64_t cap_bytes = vdk_align_up(e->gd_entries * 4, 512);
-        if (entries * 4 > cap_bytes) {
-            /* the directories cannot grow in place: more grains than their
-             * sectors can describe */
-            g_set_error(error, VDK_ERROR, ENOTSUP,
-                        "vmdk: growing '%s' to %" G_GUINT64_FORMAT " bytes needs a larger grain directory (at most %"
-                        G_GUINT64_FORMAT " bytes fit); convert the image instead",
-                        e->file->filename, size,
-                        e->start + cap_bytes / 4 * e->h.num_gtes * e->grain_bytes);
-            return false;
-        }
-        if (vdk_mc_dirty_count(e->gtc) || e->allocs) {
-            g_set_error(error, VDK_ERROR, EBUSY, "vmdk: metadata is being written");
+        if (!write_meta_sync(e, error)) {
             return false;
         }
         uint32_t *gd = g_renew(uint32_t, e->gd, entries);
@@ -2237,6 +2276,46 @@ vmdk_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErr
                 e->rgd[i] = 0;
             }
         }
+        uint64_t new_gd = e->gd_off, new_rgd = e->rgd_off;
+        if (entries * 4 > cap_bytes) {
+            /* The directories outgrow their sectors: new copies at the end
+             * of the file, made durable, then the header switched to them
+             * in one sector write (a crash leaves the old, valid image). */
+            uint64_t bytes = vdk_align_up(entries * 4, 512);
+            uint8_t *b = g_malloc0(bytes);
+            for (int k = 0; k < 2; k++) {
+                uint32_t *t = k ? e->rgd : e->gd;
+                if (!t) {
+                    continue;
+                }
+                uint64_t off = vdk_align_up(e->next_free, 512);
+                if (off / 512 > UINT32_MAX) {
+                    g_free(b);
+                    g_set_error(error, VDK_ERROR, EFBIG, "vmdk: the extent file is too large");
+                    return false;
+                }
+                for (uint64_t i = 0; i < entries; i++) {
+                    wr32(b + i * 4, t[i]);
+                }
+                int r = vdk_file_pwrite_sync(e->file, b, bytes, off);
+                if (r < 0) {
+                    g_free(b);
+                    g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write the grain directory: %s", g_strerror(-r));
+                    return false;
+                }
+                e->next_free = off + bytes;
+                if (k) {
+                    new_rgd = off;
+                } else {
+                    new_gd = off;
+                }
+            }
+            g_free(b);
+            if (vdk_file_flush_sync(e->file) < 0) {
+                g_set_error(error, VDK_ERROR, EIO, "vmdk: cannot sync '%s'", e->file->filename);
+                return false;
+            }
+        }
         /* the last existing table may cover grains past the old capacity:
          * they were never written, so they read as unallocated already */
         e->gd_entries = entries;
@@ -2247,8 +2326,18 @@ vmdk_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GErr
             g_set_error(error, VDK_ERROR, -r, "vmdk: cannot read the header: %s", g_strerror(-r));
             return false;
         }
-        /* capacity field only: every other header byte stays */
+        /* capacity (and moved directories): every other byte stays */
         wr64(hb + 12, h.capacity);
+        if (new_gd != e->gd_off) {
+            wr64(hb + 56, new_gd / 512);
+            e->gd_off = new_gd;
+            e->h.gd_offset = new_gd / 512;
+        }
+        if (e->rgd && new_rgd != e->rgd_off) {
+            wr64(hb + 48, new_rgd / 512);
+            e->rgd_off = new_rgd;
+            e->h.rgd_offset = new_rgd / 512;
+        }
         r = vdk_file_pwrite_sync(e->file, hb, 512, 0);
         if (r < 0) {
             g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write the header: %s", g_strerror(-r));
@@ -2474,7 +2563,7 @@ vmdk_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     const char *bfmt = vdk_create_opt(o, "backing_fmt");
     p.backing = vdk_create_opt(o, "backing_file");
     if (bfmt && strcmp(bfmt, "vmdk")) {
-        g_set_error(error, VDK_ERROR, EINVAL, "backing_file must be a vmdk image (backing_fmt '%s')", bfmt);
+        g_set_error(error, VDK_ERROR, EINVAL, "backing_file must be a vmdk image");
         return false;
     }
     const char *filename = vdk_create_filename(cc);
