@@ -25,6 +25,7 @@ import json
 import os
 import random
 import struct
+import zlib
 
 from vdktest import KiB, MiB, Suite, expect, expect_eq, expect_one_error_line, expect_rc, main
 
@@ -171,7 +172,7 @@ def t_model(t, sub):
     size = 64 * MiB
     res = t.vdk('create', '-f', 'vmdk', '-o', 'subformat=' + sub, 'img.vmdk', str(size))
     expect_rc(res, 0, 'vdk create')
-    cmds = random_cmds(hash((t.engine, t.cache, sub)) & 0xffff, size)
+    cmds = random_cmds(zlib.crc32(('%s/%s/%s' % (t.engine, t.cache, sub)).encode()), size)
     for i in range(0, len(cmds), 50):
         t.vdk_io('img.vmdk', *cmds[i:i + 50], fmt='vmdk')
     mirror(t, 'mirror.raw', cmds, size)

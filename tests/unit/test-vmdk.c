@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "block/block.h"
@@ -469,6 +470,143 @@ test_runtime_corruption(void)
     g_free(p);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Open-time validation beyond the header                                    */
+/* ------------------------------------------------------------------------ */
+
+static void
+expect_open_error(const char *path, const char *want)
+{
+    GError *err = NULL;
+    VdkOpenOptions *o = vdk_open_options_new();
+    vdk_open_options_set_read_only(o, true);
+    vdk_open_options_set_format(o, "vmdk");
+    VdkImage *img = vdk_image_open(path, o, &err);
+    vdk_open_options_free(o);
+    if (img) {
+        g_error("%s: the open succeeded (expected '%s')", path, want);
+    }
+    if (!strstr(err->message, want)) {
+        g_error("%s: error '%s' does not contain '%s'", path, err->message, want);
+    }
+    g_error_free(err);
+}
+
+static void
+test_open_descriptors(void)
+{
+    char *d = test_path("d.vmdk");
+    char *f = test_path("f.raw");
+    test_make_sparse(f, 1 << 20);
+    GString *big = g_string_new("# Disk DescriptorFile\n");
+    while (big->len <= VMDK_MAX_DESC_BYTES) {
+        g_string_append(big, "# padding padding padding padding padding padding padding padding\n");
+    }
+    write_text(d, big->str);
+    g_string_free(big, TRUE);
+    expect_open_error(d, "descriptor file too large");
+    write_text(d, "# Disk DescriptorFile\nversion=1\nRW 2048 FLAT \"f.raw\" 0\n");
+    expect_open_error(d, "no createType");
+    write_text(d, "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\n");
+    expect_open_error(d, "lists no extents");
+    write_text(d, "# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nNOACCESS 2048 FLAT \"f.raw\" 0\n");
+    expect_open_error(d, "NOACCESS");
+    write_text(d, "# Disk DescriptorFile\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"f.raw\" 18446744073709551\n");
+    expect_open_error(d, "invalid extent offset");
+    /* a sparse extent smaller than the descriptor says */
+    char *sp = test_path("sp.vmdk");
+    create_vmdk(sp, 1 << 20, NULL);
+    write_text(d, "# Disk DescriptorFile\ncreateType=\"twoGbMaxExtentSparse\"\nRW 4096 SPARSE \"sp.vmdk\"\n");
+    expect_open_error(d, "the descriptor gives the extent 4096 sectors, its header 2048");
+    /* a flat "extent" that is a text file is fine; a sparse one is not */
+    write_text(d, "# Disk DescriptorFile\ncreateType=\"twoGbMaxExtentSparse\"\nRW 2048 SPARSE \"f.raw\"\n");
+    expect_open_error(d, "bad magic");
+    g_free(sp);
+    g_free(d);
+    g_free(f);
+}
+
+static uint64_t
+le64_at(const char *path, uint64_t off)
+{
+    int fd = open(path, O_RDONLY);
+    uint8_t b[8];
+    g_assert_cmpint(pread(fd, b, 8, (off_t)off), ==, 8);
+    close(fd);
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) {
+        v = (v << 8) | b[i];
+    }
+    return v;
+}
+
+static void
+test_open_gd_entry(void)
+{
+    char *p = test_path("gde.vmdk");
+    create_vmdk(p, 8 << 20, NULL);
+    uint64_t gd = le64_at(p, 56);
+    uint8_t bad[4] = {0xff, 0xff, 0xff, 0x0f};
+    poke(p, gd * 512, bad, 4);
+    expect_open_error(p, "grain directory entry 0 (sector 268435455) points beyond the end of the file");
+    g_free(p);
+}
+
+/* A stream written through the library (data collected, compressed on
+ * close) reads back; its footer is validated. */
+static void
+test_stream(void)
+{
+    char *p = test_path("s.vmdk");
+    create_vmdk(p, 8 << 20, "subformat=streamOptimized");
+    VdkImage *img = test_open(p, "vmdk", NULL, false);
+    uint8_t *buf = g_malloc(1 << 20);
+    uint64_t st = 5;
+    test_fill_random(buf, 1 << 20, &st);
+    memset(buf + 65536, 0, 65536); /* a zero grain stays unallocated */
+    g_assert_cmpint(vdk_image_pwrite(img, buf, 1 << 20, 3 << 20, 0), ==, 0);
+    g_assert_cmpint(vdk_image_pwrite(img, "tail", 4, (8 << 20) - 4, 0), ==, 0);
+    GError *err = NULL;
+    g_assert_true(vdk_image_close(img, &err));
+    g_assert_no_error(err);
+    img = test_open(p, "vmdk", NULL, true);
+    uint8_t *back = g_malloc(1 << 20);
+    g_assert_cmpint(vdk_image_pread(img, back, 1 << 20, 3 << 20), ==, 0);
+    g_assert_true(memcmp(back, buf, 1 << 20) == 0);
+    char t[4];
+    g_assert_cmpint(vdk_image_pread(img, t, 4, (8 << 20) - 4), ==, 0);
+    g_assert_cmpmem(t, 4, "tail", 4);
+    VdkBlockStatus bs;
+    g_assert_cmpint(vdk_image_block_status(img, (3 << 20) + 65536, 65536, &bs), ==, 0);
+    g_assert_false(bs.flags & VDK_BS_DATA);
+    vdk_image_close(img, NULL);
+    /* writing a stream that holds data is refused */
+    VdkOpenOptions *o = vdk_open_options_new();
+    img = vdk_image_open(p, o, &err);
+    g_assert_null(img);
+    g_assert_nonnull(strstr(err->message, "cannot be opened for writing"));
+    g_clear_error(&err);
+    vdk_open_options_free(o);
+    /* footer: 1024 bytes before the end */
+    struct stat sb;
+    g_assert_cmpint(stat(p, &sb), ==, 0);
+    uint64_t footer = (uint64_t)sb.st_size - 1024;
+    g_assert_cmpuint(le64_at(p, 56), ==, UINT64_MAX);
+    uint8_t cap[8] = {1, 0, 0, 0, 0, 0, 0, 0};
+    uint8_t old[8];
+    int fd = open(p, O_RDONLY);
+    g_assert_cmpint(pread(fd, old, 8, (off_t)(footer + 12)), ==, 8);
+    close(fd);
+    poke(p, footer + 12, cap, 8);
+    expect_open_error(p, "the footer does not match the header");
+    poke(p, footer + 12, old, 8);
+    poke(p, footer, "XXXX", 4);
+    expect_open_error(p, "in the footer");
+    g_free(buf);
+    g_free(back);
+    g_free(p);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -487,6 +625,9 @@ main(int argc, char **argv)
         g_free(p);
     }
     g_test_add_func("/vmdk/extent-path", test_extent_path);
+    g_test_add_func("/vmdk/open/descriptors", test_open_descriptors);
+    g_test_add_func("/vmdk/open/gd-entry-past-eof", test_open_gd_entry);
+    g_test_add_func("/vmdk/stream/write-read-footer", test_stream);
     g_test_add_func("/vmdk/runtime-corruption", test_runtime_corruption);
     test_add_variants("vmdk", "model-sparse", test_model_sparse, NULL);
     test_add_variants("vmdk", "model-twogb-zeroed-grain", test_model_two_gb, NULL);
