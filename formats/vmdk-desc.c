@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "block/block.h"
 #include "formats/vmdk.h"
@@ -514,4 +515,30 @@ vdk_vmdk_header_check(const VmdkHeader *h, uint64_t file_size, bool footer, GErr
         return false;
     }
     return true;
+}
+
+void
+vdk_vmdk_remove_extents(const char *path)
+{
+    gchar *text = NULL;
+    gsize len = 0;
+    if (!g_file_get_contents(path, &text, &len, NULL)) {
+        return;
+    }
+    VmdkDesc d;
+    if (len <= VMDK_MAX_DESC_BYTES && len >= 4 && memcmp(text, "KDMV", 4) != 0 &&
+        vdk_vmdk_desc_parse(text, len, &d, NULL)) {
+        for (guint i = 0; i < d.extents->len; i++) {
+            const char *name = g_array_index(d.extents, VmdkDescExtent, i).fname;
+            if (name && !strchr(name, '/') && strcmp(name, ".") && strcmp(name, "..")) {
+                char *p = vdk_backing_path(path, name);
+                if (strcmp(p, path)) {
+                    unlink(p);
+                }
+                g_free(p);
+            }
+        }
+        vdk_vmdk_desc_clear(&d);
+    }
+    g_free(text);
 }

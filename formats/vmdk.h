@@ -98,4 +98,9 @@ bool vdk_vmdk_header_check(const VmdkHeader *h, uint64_t file_size, bool footer,
 /* Grain directory entries a header implies. */
 uint64_t vdk_vmdk_gd_entries(const VmdkHeader *h);
 
+/* Remove the extent files a text descriptor at @path names in its own
+ * directory (plain names only): cleanup after a failed convert created
+ * them.  Best effort. */
+void vdk_vmdk_remove_extents(const char *path);
+
 #endif

@@ -300,6 +300,10 @@ def t_check_past_eof(t):
     expect('failed' in res.out + res.err or res.rc != 0, 'read through a bad entry fails', res)
     res = t.vdk_io_raw('img.vmdk', ['read -P 1 0 64k'], fmt='vmdk', extra=['-r'])
     expect(res.rc == 0 and 'failed' not in res.out + res.err, 'other grains read', res)
+    # a failed convert to a multi-file vmdk leaves no file behind
+    res = t.vdk('convert', '-O', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', 'img.vmdk', 'y.vmdk')
+    expect_rc(res, 1, 'convert from a damaged image')
+    expect(not any(n.startswith('y') for n in os.listdir(t.dir)), 'no target files left behind: %s' % os.listdir(t.dir))
 
 
 def t_check_leak(t):
