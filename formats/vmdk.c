@@ -2029,6 +2029,20 @@ vmdk_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
                 res->check_errors++;
                 continue;
             }
+            bool rgt_differs = false;
+            if (e->rgd && e->rgd[t] && (uint64_t)e->rgd[t] * 512 + e->gt_bytes <= vdk_align_up(fsize, 512)) {
+                /* the redundant table must say the same */
+                uint8_t *rgt = g_malloc(e->gt_bytes);
+                if (vdk_file_pread_sync(e->file, rgt, e->gt_bytes, (uint64_t)e->rgd[t] * 512) >= 0 &&
+                    memcmp(gt, rgt, e->gt_bytes) != 0) {
+                    rgt_differs = true;
+                }
+                g_free(rgt);
+            } else if (e->rgd && e->rgd[t]) {
+                check_msg(res, "ERROR: redundant grain table %" G_GUINT64_FORMAT " at sector %u points after EOF", t,
+                          e->rgd[t]);
+                res->corruptions++;
+            }
             for (uint32_t i = 0; i < e->h.num_gtes; i++) {
                 uint64_t gi = t * e->h.num_gtes + i;
                 if (gi >= grains) {
@@ -2070,6 +2084,11 @@ vmdk_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
                     }
                     used[slot] = 1;
                 }
+            }
+            if (rgt_differs) {
+                /* after the entries: qemu-img's message for them comes first */
+                check_msg(res, "ERROR: grain table %" G_GUINT64_FORMAT " differs from its redundant copy", t);
+                res->corruptions++;
             }
         }
         if (!e->compressed) {

@@ -331,6 +331,23 @@ def t_check_overlap(t):
     expect('points into the metadata' in res.out + res.err, 'overlap reported', res)
 
 
+def t_check_redundant(t):
+    t.vdk('create', '-f', 'vmdk', 'img.vmdk', '64M')
+    t.vdk_io('img.vmdk', 'write -P 1 0 64k', fmt='vmdk')
+    res = t.vdk('check', 'img.vmdk')
+    expect_rc(res, 0, 'vdk check of a clean image')
+    with open(t.path('img.vmdk'), 'r+b') as f:
+        hdr = f.read(512)
+        rgd = struct.unpack_from('<Q', hdr, 48)[0]
+        f.seek(rgd * 512)
+        rgt = struct.unpack('<I', f.read(4))[0]
+        f.seek(rgt * 512 + 40)
+        f.write(struct.pack('<I', 12345))
+    res = t.vdk('check', 'img.vmdk')
+    expect_rc(res, 2, 'vdk check: redundant table differs')
+    expect('differs from its redundant copy' in res.err + res.out, 'mismatch reported', res)
+
+
 def write_desc(t, name, text):
     with open(t.path(name), 'w') as f:
         f.write(text)
@@ -461,6 +478,7 @@ suite.add('resize/twoGbMaxExtentFlat', t_resize, 'twoGbMaxExtentFlat', 64 * MiB,
 suite.add('check/past-eof', t_check_past_eof)
 suite.add('check/leak', t_check_leak)
 suite.add('check/overlap', t_check_overlap)
+suite.add('check/redundant-table', t_check_redundant)
 suite.add('hostile', t_hostile)
 suite.add('create-options', t_create_help)
 suite.add('zeroed-grain', t_zeroed_grain)
