@@ -326,11 +326,17 @@ model_run(const TestVariant *v, const char *opts, uint64_t seed)
             if (clash) {
                 continue;
             }
-            test_fill_random(bufs[n], len, &st);
-            memcpy(model + off, bufs[n], len);
             offs[n] = off;
             lens[n] = len;
-            g_assert_cmpint(vdk_queue_write(q, off, bufs[n], len, 0, (uint64_t)n), ==, 0);
+            if (test_rand(&st) % 6 == 0) {
+                /* zero writes: zeroed grains, zero buffers, flat zeroing */
+                memset(model + off, 0, len);
+                g_assert_cmpint(vdk_queue_write_zeroes(q, off, len, 0, (uint64_t)n), ==, 0);
+            } else {
+                test_fill_random(bufs[n], len, &st);
+                memcpy(model + off, bufs[n], len);
+                g_assert_cmpint(vdk_queue_write(q, off, bufs[n], len, 0, (uint64_t)n), ==, 0);
+            }
             n++;
         }
         g_assert_cmpint(vdk_queue_submit(q), >=, 0);
