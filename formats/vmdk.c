@@ -94,9 +94,11 @@ struct VmdkExt {
     uint32_t *gd, *rgd;
     uint64_t gd_off, rgd_off; /* bytes (rgd_off 0: none) */
     bool gd_dirty;
+    bool rgd_dirty; /* the primary directory was written, the redundant one not yet */
     bool compressed, zeroed_grain;
     uint32_t gt_bytes;
-    VdkMetaCache *gtc;
+    VdkMetaCache *gtc;  /* primary grain tables */
+    VdkMetaCache *rgtc; /* redundant grain tables (written after the primary ones) */
     uint64_t next_free;
     VmdkAllocation *allocs;
 };
@@ -230,6 +232,7 @@ static void
 ext_clear(VmdkExt *e)
 {
     vdk_mc_free(e->gtc);
+    vdk_mc_free(e->rgtc);
     if (e->own_file) {
         vdk_file_close(e->file);
     }
@@ -375,6 +378,9 @@ open_sparse(Vmdk *s, VmdkExt *e, bool check, GError **error)
         goto out;
     }
     e->gtc = vdk_mc_new(s->node, e->file, VMDK_GT_SLICE, VMDK_GT_CACHE_BYTES);
+    if (e->rgd) {
+        e->rgtc = vdk_mc_new(s->node, e->file, VMDK_GT_SLICE, VMDK_GT_CACHE_BYTES / 2);
+    }
     e->next_free = vdk_align_up(fsize, 512);
     ok = true;
 out:
@@ -855,7 +861,7 @@ new_gt(Vmdk *s, VmdkExt *e, uint64_t gdi)
         }
         for (uint64_t o = 0; o < gt_sectors * 512; o += VMDK_GT_SLICE) {
             int ret = 0;
-            if (!vdk_mc_get_fresh(e->gtc, off + o, &ret)) {
+            if (!vdk_mc_get_fresh(k ? e->rgtc : e->gtc, off + o, &ret)) {
                 return ret ? ret : -ENOBUFS;
             }
         }
@@ -938,7 +944,7 @@ map_sparse_write(Vmdk *s, VmdkExt *e, uint64_t offset, uint64_t len, VdkExtent *
     vdk_mc_pin(sl);
     VdkMetaEntry *rsl = NULL;
     if (rt) {
-        rsl = vdk_mc_get(e->gtc, rt + soff, r, &ret);
+        rsl = vdk_mc_get(e->rgtc, rt + soff, r, &ret);
         if (!rsl) {
             vdk_mc_unpin(sl);
             return ret ? ret : -EIO;
@@ -1182,7 +1188,7 @@ zero_sparse_step(Vmdk *s, VmdkExt *e, VdkRequest *r, uint64_t end, ZeroList *zl)
     vdk_mc_pin(sl);
     VdkMetaEntry *rsl = NULL;
     if (rt) {
-        rsl = vdk_mc_get(e->gtc, rt + soff, r, &ret);
+        rsl = vdk_mc_get(e->rgtc, rt + soff, r, &ret);
         if (!rsl) {
             vdk_mc_unpin(sl);
             return ret ? ret : -EIO;
@@ -1212,7 +1218,7 @@ zero_sparse_step(Vmdk *s, VmdkExt *e, VdkRequest *r, uint64_t end, ZeroList *zl)
     if (changed) {
         vdk_mc_mark_dirty(e->gtc, sl);
         if (rsl) {
-            vdk_mc_mark_dirty(e->gtc, rsl);
+            vdk_mc_mark_dirty(e->rgtc, rsl);
         }
     }
     vdk_mc_unpin(sl);
@@ -1321,7 +1327,7 @@ vmdk_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
         }
         vdk_mc_mark_dirty(e->gtc, a->gt);
         if (a->rgt) {
-            vdk_mc_mark_dirty(e->gtc, a->rgt);
+            vdk_mc_mark_dirty(e->rgtc, a->rgt);
         }
     }
     /* (a failed write leaves its appended space unused: a leak check
@@ -1380,11 +1386,20 @@ vmdk_decompress(VdkNode *n, const void *in, size_t in_len, void *out, size_t out
 /* Writeback                                                                 */
 /* ------------------------------------------------------------------------ */
 
+/* Steps of a writeback.  Data is durable before the grain tables that
+ * point at it; primary tables are durable before the redundant copies (so
+ * after a crash the redundant copy is never ahead of the primary one);
+ * tables before the directories that point at new tables; the primary
+ * directory before the redundant one. */
 enum {
     WB_SYNC_DATA = 0,
     WB_GT,
+    WB_SYNC_RGT,
+    WB_RGT,
     WB_SYNC_GT,
     WB_GD,
+    WB_SYNC_RGD,
+    WB_RGD,
     WB_DESC,
     WB_SYNC_ALL,
     WB_DONE,
@@ -1395,6 +1410,7 @@ typedef struct {
     VdkRequest *r;
     int step;
     bool final;
+    bool wrote; /* the previous step wrote something */
     GPtrArray *bufs;
 } Wb;
 
@@ -1415,7 +1431,8 @@ static bool
 any_gt_dirty(Vmdk *s)
 {
     for (size_t i = 0; i < s->n_ext; i++) {
-        if (s->ext[i].gtc && (vdk_mc_dirty_count(s->ext[i].gtc) || s->ext[i].gd_dirty)) {
+        if (s->ext[i].gtc && (vdk_mc_dirty_count(s->ext[i].gtc) || s->ext[i].gd_dirty || s->ext[i].rgd_dirty ||
+                              (s->ext[i].rgtc && vdk_mc_dirty_count(s->ext[i].rgtc)))) {
             return true;
         }
     }
@@ -1461,6 +1478,8 @@ wb_run(Wb *wb)
     VdkNode *n = s->node;
     for (;;) {
         int step = wb->step++;
+        bool wrote = wb->wrote;
+        wb->wrote = false;
         switch (step) {
         case WB_SYNC_DATA:
             /* data written before its grain table entries reaches the disk
@@ -1472,18 +1491,21 @@ wb_run(Wb *wb)
                 return;
             }
             continue;
-        case WB_GT: {
+        case WB_GT:
+        case WB_RGT: {
             if (s->corrupt) {
                 continue;
             }
+            bool red = step == WB_RGT;
             VdkRequest *sub = NULL;
             g_mutex_lock(&n->lock);
             for (size_t i = 0; i < s->n_ext; i++) {
                 VmdkExt *e = &s->ext[i];
-                if (!e->gtc) {
+                VdkMetaCache *c = red ? e->rgtc : e->gtc;
+                if (!c) {
                     continue;
                 }
-                VdkMcWrite *list = vdk_mc_collect_dirty(e->gtc);
+                VdkMcWrite *list = vdk_mc_collect_dirty(c);
                 if (list) {
                     if (!sub) {
                         sub = vdk_subreq(wb->r, wb_sub_done, wb);
@@ -1495,11 +1517,21 @@ wb_run(Wb *wb)
             }
             g_mutex_unlock(&n->lock);
             if (sub) {
+                wb->wrote = true;
                 vdk_subreq_launch(sub);
                 return;
             }
             continue;
         }
+        case WB_SYNC_RGT:
+        case WB_SYNC_RGD:
+            if (wrote && !s->corrupt) {
+                VdkRequest *sub = vdk_subreq(wb->r, wb_sub_done, wb);
+                sync_files(wb, sub, true);
+                vdk_subreq_launch(sub);
+                return;
+            }
+            continue;
         case WB_SYNC_GT: {
             bool gd = false;
             for (size_t i = 0; i < s->n_ext; i++) {
@@ -1513,38 +1545,42 @@ wb_run(Wb *wb)
             }
             continue;
         }
-        case WB_GD: {
+        case WB_GD:
+        case WB_RGD: {
+            bool red = step == WB_RGD;
             VdkRequest *sub = NULL;
             g_mutex_lock(&n->lock);
             for (size_t i = 0; i < s->n_ext && !s->corrupt; i++) {
                 VmdkExt *e = &s->ext[i];
-                if (!e->gd_dirty) {
+                uint32_t *gd = red ? e->rgd : e->gd;
+                bool dirty = red ? e->rgd_dirty : e->gd_dirty;
+                if (!dirty || !gd) {
                     continue;
                 }
-                e->gd_dirty = false;
-                for (int k = 0; k < 2; k++) {
-                    uint32_t *gd = k ? e->rgd : e->gd;
-                    if (!gd) {
-                        continue;
-                    }
-                    size_t bytes = (size_t)e->gd_entries * 4;
-                    uint8_t *b = abuf(wb, bytes);
-                    if (!b) {
-                        vdk_req_set_error(wb->r, -ENOMEM);
-                        continue;
-                    }
-                    for (uint64_t j = 0; j < e->gd_entries; j++) {
-                        wr32(b + j * 4, gd[j]);
-                    }
-                    if (!sub) {
-                        sub = vdk_subreq(wb->r, wb_sub_done, wb);
-                    }
-                    struct iovec v = {b, bytes};
-                    vdk_req_file_rw(sub, e->file, true, k ? e->rgd_off : e->gd_off, &v, 1, bytes, 0);
+                if (red) {
+                    e->rgd_dirty = false;
+                } else {
+                    e->gd_dirty = false;
+                    e->rgd_dirty = e->rgd != NULL;
                 }
+                size_t bytes = (size_t)e->gd_entries * 4;
+                uint8_t *b = abuf(wb, bytes);
+                if (!b) {
+                    vdk_req_set_error(wb->r, -ENOMEM);
+                    continue;
+                }
+                for (uint64_t j = 0; j < e->gd_entries; j++) {
+                    wr32(b + j * 4, gd[j]);
+                }
+                if (!sub) {
+                    sub = vdk_subreq(wb->r, wb_sub_done, wb);
+                }
+                struct iovec v = {b, bytes};
+                vdk_req_file_rw(sub, e->file, true, red ? e->rgd_off : e->gd_off, &v, 1, bytes, 0);
             }
             g_mutex_unlock(&n->lock);
             if (sub) {
+                wb->wrote = true;
                 vdk_subreq_launch(sub);
                 return;
             }
@@ -2019,10 +2055,8 @@ vmdk_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
                 res->corruptions++;
                 continue;
             }
-            if (e->rgd && e->rgd[t] == 0) {
-                check_msg(res, "ERROR: redundant grain directory entry %" G_GUINT64_FORMAT " is missing", t);
-                res->corruptions++;
-            }
+            /* (a redundant directory entry of 0 is a crash between the two
+             * directory writes: the primary one is authoritative) */
             int rr = vdk_file_pread_sync(e->file, gt, e->gt_bytes, toff);
             if (rr < 0) {
                 check_msg(res, "ERROR: cannot read grain table %" G_GUINT64_FORMAT ": %s", t, g_strerror(-rr));
@@ -2033,9 +2067,13 @@ vmdk_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
             if (e->rgd && e->rgd[t] && (uint64_t)e->rgd[t] * 512 + e->gt_bytes <= vdk_align_up(fsize, 512)) {
                 /* the redundant table must say the same */
                 uint8_t *rgt = g_malloc(e->gt_bytes);
-                if (vdk_file_pread_sync(e->file, rgt, e->gt_bytes, (uint64_t)e->rgd[t] * 512) >= 0 &&
-                    memcmp(gt, rgt, e->gt_bytes) != 0) {
-                    rgt_differs = true;
+                if (vdk_file_pread_sync(e->file, rgt, e->gt_bytes, (uint64_t)e->rgd[t] * 512) >= 0) {
+                    /* the redundant copy may lag behind (written second),
+                     * never disagree */
+                    for (uint32_t i = 0; i < e->h.num_gtes; i++) {
+                        uint32_t a = rd32(gt + i * 4), b = rd32(rgt + i * 4);
+                        rgt_differs |= a != b && b != 0;
+                    }
                 }
                 g_free(rgt);
             } else if (e->rgd && e->rgd[t]) {
@@ -2211,11 +2249,17 @@ desc_set_extent_sectors(const char *text, guint idx, uint64_t sectors)
 static bool
 write_meta_sync(VmdkExt *e, GError **error)
 {
-    if (vdk_mc_dirty_count(e->gtc)) {
-        int r = vdk_mc_write_dirty_sync(e->gtc);
-        if (r < 0) {
-            g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write grain tables: %s", g_strerror(-r));
-            return false;
+    for (int k = 0; k < 2; k++) {
+        VdkMetaCache *c = k ? e->rgtc : e->gtc;
+        if (c && vdk_mc_dirty_count(c)) {
+            int r = vdk_mc_write_dirty_sync(c);
+            if (r >= 0 && vdk_file_flush_sync(e->file) < 0) {
+                r = -EIO;
+            }
+            if (r < 0) {
+                g_set_error(error, VDK_ERROR, -r, "vmdk: cannot write grain tables: %s", g_strerror(-r));
+                return false;
+            }
         }
     }
     if (e->gd_dirty) {
@@ -2242,6 +2286,7 @@ write_meta_sync(VmdkExt *e, GError **error)
         }
         g_free(b);
         e->gd_dirty = false;
+        e->rgd_dirty = false;
     }
     return true;
 }
