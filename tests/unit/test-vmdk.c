@@ -25,7 +25,10 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "block/block.h"
@@ -613,6 +616,136 @@ test_stream(void)
     g_free(p);
 }
 
+/* ------------------------------------------------------------------------ */
+/* Crash consistency with a real SIGKILL                                     */
+/* ------------------------------------------------------------------------ */
+
+#define CRASH_SIZE (8u << 20)
+#define CRASH_OPS 400
+
+typedef struct {
+    uint64_t off, len;
+    uint8_t fill;
+} CrashOp;
+
+static void
+crash_plan(uint64_t seed, CrashOp *ops)
+{
+    for (int i = 0; i < CRASH_OPS; i++) {
+        ops[i].off = test_rand(&seed) % (CRASH_SIZE - 200000);
+        ops[i].len = 1 + test_rand(&seed) % 150000;
+        ops[i].fill = (uint8_t)(1 + i % 250);
+    }
+}
+
+/* Writes in order, a flush every few; after each completed flush it
+ * reports on the pipe how many writes the flush covers. */
+static void G_GNUC_NORETURN
+crash_writer(const char *path, const char *engine, uint64_t seed, int wfd)
+{
+    CrashOp ops[CRASH_OPS];
+    crash_plan(seed, ops);
+    VdkOpenOptions *o = vdk_open_options_new();
+    vdk_open_options_set_format(o, "vmdk");
+    vdk_open_options_set_engine(o, engine, NULL);
+    GError *err = NULL;
+    VdkImage *img = vdk_image_open(path, o, &err);
+    if (!img) {
+        _exit(3);
+    }
+    uint8_t *buf = g_malloc(150001);
+    for (int i = 0; i < CRASH_OPS; i++) {
+        memset(buf, ops[i].fill, ops[i].len);
+        if (vdk_image_pwrite(img, buf, ops[i].len, ops[i].off, 0) < 0) {
+            _exit(4);
+        }
+        if (i % 7 == 6) {
+            if (vdk_image_flush(img) < 0) {
+                _exit(5);
+            }
+            int32_t done = i + 1;
+            if (write(wfd, &done, sizeof(done)) != sizeof(done)) {
+                _exit(6);
+            }
+        }
+    }
+    _exit(0);
+}
+
+static void
+test_crash(const TestVariant *v)
+{
+    char *path = test_path("crash.vmdk");
+    for (int iter = 0; iter < 12; iter++) {
+        uint64_t seed = 2000 + (uint64_t)iter;
+        create_vmdk(path, CRASH_SIZE, iter % 2 ? "zeroed_grain=on" : NULL);
+        int p[2];
+        g_assert_cmpint(pipe(p), ==, 0);
+        pid_t pid = fork();
+        g_assert_cmpint(pid, >=, 0);
+        if (pid == 0) {
+            close(p[0]);
+            crash_writer(path, v->engine, seed, p[1]);
+        }
+        close(p[1]);
+        struct timespec ts = {0, (long)(2 + iter * 7 % 40) * 1000000L};
+        nanosleep(&ts, NULL);
+        kill(pid, SIGKILL);
+        int status;
+        waitpid(pid, &status, 0);
+        int32_t flushed = 0, x;
+        while (read(p[0], &x, sizeof(x)) == sizeof(x)) {
+            flushed = x;
+        }
+        close(p[0]);
+        g_test_message("iteration %d: killed after %d flushed writes", iter, flushed);
+        CrashOp ops[CRASH_OPS];
+        crash_plan(seed, ops);
+        uint8_t *model = g_malloc0(CRASH_SIZE);
+        uint8_t *unknown = g_malloc0(CRASH_SIZE);
+        for (int i = 0; i < flushed; i++) {
+            memset(model + ops[i].off, ops[i].fill, ops[i].len);
+        }
+        for (int i = flushed; i < CRASH_OPS; i++) {
+            memset(unknown + ops[i].off, 1, ops[i].len);
+        }
+        VdkImage *img = test_open(path, "vmdk", NULL, true);
+        /* a crash may leak grains, never more */
+        VdkCheckResult res = {0};
+        res.messages = g_ptr_array_new_with_free_func(g_free);
+        GError *err = NULL;
+        g_assert_true(img->top->drv->check(img->top, 0, &res, &err));
+        if (res.corruptions || res.check_errors) {
+            g_error("iteration %d: check found %" G_GUINT64_FORMAT " corruptions: %s", iter, res.corruptions,
+                    res.messages->len ? (char *)res.messages->pdata[0] : "");
+        }
+        g_ptr_array_unref(res.messages);
+        uint8_t *buf = g_malloc(CRASH_SIZE);
+        g_assert_cmpint(vdk_image_pread(img, buf, CRASH_SIZE, 0), ==, 0);
+        for (uint64_t i = 0; i < CRASH_SIZE; i++) {
+            if (!unknown[i] && buf[i] != model[i]) {
+                g_error("iteration %d (killed after %d flushed ops): byte %" G_GUINT64_FORMAT " is 0x%02x, expected 0x%02x",
+                        iter, flushed, i, buf[i], model[i]);
+            }
+        }
+        vdk_image_close(img, NULL);
+        char *qemu_img = g_find_program_in_path("qemu-img");
+        if (qemu_img) {
+            g_free(qemu_img);
+            char *cmd = g_strdup_printf("qemu-img check -q '%s' >/dev/null 2>&1", path);
+            int rc = test_sh(cmd);
+            g_free(cmd);
+            if (rc != 0) {
+                g_error("iteration %d: qemu-img check says %d", iter, rc);
+            }
+        }
+        g_free(buf);
+        g_free(model);
+        g_free(unknown);
+    }
+    g_free(path);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -638,5 +771,7 @@ main(int argc, char **argv)
     test_add_variants("vmdk", "model-sparse", test_model_sparse, NULL);
     test_add_variants("vmdk", "model-twogb-zeroed-grain", test_model_two_gb, NULL);
     test_add_variants("vmdk", "model-flat", test_model_flat, NULL);
+    static const char *const buffered[] = {"writeback", NULL};
+    test_add_variants("vmdk", "crash-sigkill", test_crash, buffered);
     return g_test_run();
 }
