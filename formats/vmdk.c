@@ -447,6 +447,14 @@ open_extents(Vmdk *s, GError **error)
             return false;
         }
         char *path = vdk_backing_path(n->filename, d->fname);
+        struct stat st;
+        if (stat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+            /* a FIFO would block the open itself; nothing else holds data */
+            g_set_error(error, VDK_ERROR, EINVAL, "vmdk: extent file '%s' is not a regular file or block device",
+                        path);
+            g_free(path);
+            return false;
+        }
         GError *ferr = NULL;
         e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, &ferr);
         if (!e->file) {

@@ -375,6 +375,12 @@ def t_hostile(t):
         expect_rc(res, 1, 'vdk info on a descriptor with %r' % line)
         expect_one_error_line(res)
         expect(want in res.err, 'error names %r' % want, res)
+    # a FIFO named as an extent must not hang the open
+    os.mkfifo(t.path('pipe'))
+    write_desc(t, 'd.vmdk', DESC % 'RW 2048 FLAT "pipe" 0')
+    res = t.vdk('info', 'd.vmdk', timeout=20)
+    expect_rc(res, 1, 'an extent that is a FIFO')
+    expect('not a regular file' in res.err, 'FIFO refused', res)
     # allowed explicitly
     write_desc(t, 'd.vmdk', DESC % ('RW 2048 FLAT "%s" 0' % t.path('f.raw')))
     res = t.vdk('info', '--image-opts', 'driver=vmdk,file.filename=d.vmdk,allow-extent-paths=on')
