@@ -234,6 +234,10 @@ const char *vdk_create_filename(VdkCreateCtx *cc);
  * (unnamed or hidden until the create succeeds) and published just before
  * it; a failed create leaves neither. */
 VdkFile *vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error);
+/* Measuring: bytes of @src's data, each @unit-sized unit holding data
+ * counted whole once (qemu's rule: zero ranges and unallocated ones are
+ * free, data ranges are rounded out to whole units). */
+bool vdk_measure_allocated(VdkImage *src, uint64_t unit, uint64_t *out, GError **error);
 /* Free bytes on the filesystem that will hold the image. */
 bool vdk_create_check_space(VdkCreateCtx *cc, uint64_t need, GError **error);
 
@@ -332,11 +336,27 @@ struct VdkFormat {
     void (*info)(VdkNode *n, VdkInfo *info);
     /* qemu-img check.  NULL: "This image format does not support checks". */
     bool (*check)(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
+    /* qemu-img measure: the size of a new image of this format created with
+     * @opts, holding @src's content (NULL: empty) of @size guest bytes.
+     * Blocking.  NULL: the format cannot measure. */
+    bool (*measure)(const VdkCreateOptions *opts, VdkImage *src, uint64_t size, VdkMeasure *out, GError **error);
+    /* Internal snapshots (qemu-img snapshot).  Blocking; no I/O in flight;
+     * the node is writable for create/apply/delete.  NULL: the format has
+     * none (list returns 0). */
+    bool (*snapshot_create)(VdkNode *n, const char *name, GError **error);
+    bool (*snapshot_apply)(VdkNode *n, const char *name, GError **error);
+    bool (*snapshot_delete)(VdkNode *n, const char *name, GError **error);
+    /* The snapshots, newly allocated (vdk_snapshot_list_free); the count. */
+    int (*snapshot_list)(VdkNode *n, VdkSnapshotInfo **out);
+    /* Record another backing file name and format (rebase) durably; NULL
+     * or "" name: none.  Blocking; no I/O in flight.  NULL: unsupported. */
+    bool (*change_backing)(VdkNode *n, const char *name, const char *fmt, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;
 extern const VdkFormat vdk_format_qcow2;
 extern const VdkFormat vdk_format_vmdk;
+extern const VdkFormat vdk_format_qcow;
 
 /* Every driver, in probe order. */
 extern const VdkFormat *const vdk_formats[];
@@ -396,6 +416,10 @@ typedef enum {
 enum {
     VDK_FLUSH_FINAL = 1u << 8, /* closing: write what a clean close needs */
     VDK_FLUSH_EVICT = 1u << 9, /* a metadata cache is full: write it back, even with cache=unsafe */
+    /* discard: leave the range unallocated in this layer (the backing file
+     * shows through again), the partial cluster at the image's end too
+     * (commit empties an overlay with it) */
+    VDK_DISCARD_UNALLOC = 1u << 10,
 };
 
 #define VDK_REQ_INLINE_IOV 4

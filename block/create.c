@@ -568,3 +568,58 @@ out:
     g_free(cc.dir);
     return ok;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Measuring                                                                 */
+/* ------------------------------------------------------------------------ */
+
+bool
+vdk_measure_allocated(VdkImage *src, uint64_t unit, uint64_t *out, GError **error)
+{
+    uint64_t size = vdk_image_get_size(src);
+    uint64_t total = 0;
+    uint64_t off = 0;
+    while (off < size) {
+        VdkBlockStatus bs;
+        int r = vdk_image_block_status(src, off, size - off, &bs);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "block status failed at offset %" G_GUINT64_FORMAT ": %s", off,
+                        g_strerror(-r));
+            return false;
+        }
+        uint64_t n = bs.length;
+        if (!(bs.flags & VDK_BS_ZERO) && (bs.flags & VDK_BS_DATA)) {
+            /* the data's units, from the start of the first one */
+            uint64_t end = MIN(vdk_align_up(off + n, unit), vdk_align_up(size, unit));
+            total += off % unit + (end - off);
+            n = end - off;
+        }
+        off += n;
+    }
+    *out = total;
+    return true;
+}
+
+bool
+vdk_measure(const VdkCreateOptions *opts, VdkImage *src, VdkMeasure *out, GError **error)
+{
+    memset(out, 0, sizeof(*out));
+    if (!opts->drv->measure) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: format does not support size measurement", opts->drv->name);
+        return false;
+    }
+    uint64_t size;
+    if (src) {
+        size = vdk_image_get_size(src);
+    } else {
+        bool present = false;
+        if (!vdk_create_opt_size(opts, "size", &size, &present, error)) {
+            return false;
+        }
+        if (!present) {
+            g_set_error(error, VDK_ERROR, EINVAL, "Either --size N or one filename must be specified.");
+            return false;
+        }
+    }
+    return opts->drv->measure(opts, src, size, out, error);
+}

@@ -96,6 +96,7 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 
 const VdkFormat *const vdk_formats[] = {
     &vdk_format_qcow2,
+    &vdk_format_qcow,
     &vdk_format_vmdk,
     &vdk_format_raw,
 };
@@ -351,6 +352,11 @@ image_check_options(VdkImage *img, GError **error)
     g_hash_table_iter_init(&it, img->opts.extra);
     while (g_hash_table_iter_next(&it, &key, NULL)) {
         bool known = false;
+        if (g_str_has_prefix(key, "snapshot") && !img->top->drv->snapshot_list) {
+            g_set_error(error, VDK_ERROR, ENOTSUP, "Failed to load snapshot: %s images have no internal snapshots",
+                        img->top->drv->name);
+            return false;
+        }
         const VdkOptionDesc *d = img->top->drv->open_opts;
         for (; d && d->name; d++) {
             if (strcmp(d->name, key) == 0) {
@@ -529,4 +535,70 @@ vdk_image_resize(VdkImage *img, uint64_t size, bool shrink, VdkPrealloc prealloc
         return true;
     }
     return n->drv->truncate(n, size, shrink, prealloc, error);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Internal snapshots                                                        */
+/* ------------------------------------------------------------------------ */
+
+int
+vdk_image_snapshot_list(VdkImage *img, VdkSnapshotInfo **out, GError **error)
+{
+    (void)error;
+    *out = NULL;
+    VdkNode *n = img->top;
+    if (!n->drv->snapshot_list) {
+        return 0;
+    }
+    return n->drv->snapshot_list(n, out);
+}
+
+void
+vdk_snapshot_list_free(VdkSnapshotInfo *list, int count)
+{
+    for (int i = 0; list && i < count; i++) {
+        g_free(list[i].id);
+        g_free(list[i].name);
+    }
+    g_free(list);
+}
+
+static bool
+snapshot_op_check(VdkImage *img, bool (*op)(VdkNode *, const char *, GError **), const char *name, GError **error)
+{
+    VdkNode *n = img->top;
+    if (!op) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: this format does not support internal snapshots", n->drv->name);
+        return false;
+    }
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    if (!name) {
+        g_set_error(error, VDK_ERROR, EINVAL, "a snapshot name is required");
+        return false;
+    }
+    return true;
+}
+
+bool
+vdk_image_snapshot_create(VdkImage *img, const char *name, GError **error)
+{
+    VdkNode *n = img->top;
+    return snapshot_op_check(img, n->drv->snapshot_create, name, error) && n->drv->snapshot_create(n, name, error);
+}
+
+bool
+vdk_image_snapshot_apply(VdkImage *img, const char *name, GError **error)
+{
+    VdkNode *n = img->top;
+    return snapshot_op_check(img, n->drv->snapshot_apply, name, error) && n->drv->snapshot_apply(n, name, error);
+}
+
+bool
+vdk_image_snapshot_delete(VdkImage *img, const char *name, GError **error)
+{
+    VdkNode *n = img->top;
+    return snapshot_op_check(img, n->drv->snapshot_delete, name, error) && n->drv->snapshot_delete(n, name, error);
 }

@@ -1454,7 +1454,7 @@ vdk_image_sync_request(VdkImage *img, VdkOp op, uint64_t offset, void *buf, uint
         ret = queue_simple(q, VDK_OP_FLUSH, 0, 0, flags & (VDK_FLUSH_FINAL | VDK_FLUSH_EVICT), NULL, 0);
         break;
     case VDK_OP_DISCARD:
-        ret = vdk_queue_discard(q, offset, len, 0);
+        ret = queue_simple(q, VDK_OP_DISCARD, offset, len, flags & VDK_DISCARD_UNALLOC, NULL, 0);
         break;
     case VDK_OP_WRITE_ZEROES:
         ret = vdk_queue_write_zeroes(q, offset, len, flags, 0);

@@ -23,6 +23,8 @@ FORMATS=$("$VDK" --help | sed -n 's/^Supported formats: *//p')
 prev="$DIR/sample.raw"
 prev_fmt=raw
 for fmt in $FORMATS; do
+	# read-only formats (legacy qcow) cannot be conversion targets
+	"$VDK" create -f "$fmt" -o help >/dev/null 2>&1 || continue
 	out="$DIR/converted.$fmt"
 	say "vdk convert -f $prev_fmt -O $fmt $(basename "$prev") $(basename "$out")"
 	start=$(date +%s.%N)

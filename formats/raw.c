@@ -146,6 +146,19 @@ raw_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     return vdk_file_truncate(f, size, prealloc, error);
 }
 
+static bool
+raw_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error)
+{
+    VdkPrealloc prealloc;
+    if (!vdk_create_opt_prealloc(o, &prealloc, error)) {
+        return false;
+    }
+    /* every byte of a raw image is in the file (holes or not) */
+    m->required = src ? size : vdk_align_up(size, 512);
+    m->fully_allocated = m->required;
+    return true;
+}
+
 static const VdkOptionDesc raw_create_opts[] = {
     {"size", VDK_OPT_SIZE, "Virtual disk size", NULL, false},
     {"preallocation", VDK_OPT_STRING, "Preallocation mode (allowed values: off, falloc, full)", "off", false},
@@ -164,4 +177,5 @@ const VdkFormat vdk_format_raw = {
     .truncate = raw_truncate,
     .create = raw_create,
     .create_opts = raw_create_opts,
+    .measure = raw_measure,
 };

@@ -1972,9 +1972,11 @@ vmdk_info(VdkNode *n, VdkInfo *info)
     GPtrArray *lines = g_ptr_array_new_with_free_func(g_free);
     const char *ct = s->desc.create_type ? s->desc.create_type : "monolithicSparse";
     uint32_t pcid = s->desc.has_parent_cid ? s->desc.parent_cid : 0xffffffffu;
-    g_string_append_printf(j, "{\"cid\": %u, \"parent-cid\": %u, \"create-type\": ", s->desc.cid, pcid);
+    /* one value per line: the CLI re-indents it for its depth (qemu's
+     * layout) */
+    g_string_append_printf(j, "{\n\"cid\": %u,\n\"parent-cid\": %u,\n\"create-type\": ", s->desc.cid, pcid);
     json_str(j, ct);
-    g_string_append(j, ", \"extents\": [");
+    g_string_append(j, ",\n\"extents\": [");
     g_ptr_array_add(lines, g_strdup_printf("cid: %u", s->desc.cid));
     g_ptr_array_add(lines, g_strdup_printf("parent cid: %u", pcid));
     g_ptr_array_add(lines, g_strdup_printf("create type: %s", ct));
@@ -1986,28 +1988,28 @@ vmdk_info(VdkNode *n, VdkInfo *info)
          * monolithic file) */
         char *path = e->fname ? vdk_backing_path(n->filename, e->fname) : g_strdup(n->filename);
         (void)fname;
-        g_string_append(j, i ? ", {" : "{");
+        g_string_append(j, i ? ",\n{\n" : "\n{\n");
         g_ptr_array_add(lines, g_strdup_printf("    [%zu]:", i));
         if (e->compressed) {
-            g_string_append(j, "\"compressed\": true, ");
+            g_string_append(j, "\"compressed\": true,\n");
             g_ptr_array_add(lines, g_strdup("        compressed: true"));
         }
-        g_string_append_printf(j, "\"virtual-size\": %" G_GUINT64_FORMAT ", \"filename\": ", e->len);
+        g_string_append_printf(j, "\"virtual-size\": %" G_GUINT64_FORMAT ",\n\"filename\": ", e->len);
         json_str(j, path);
         g_ptr_array_add(lines, g_strdup_printf("        virtual size: %" G_GUINT64_FORMAT, e->len));
         g_ptr_array_add(lines, g_strdup_printf("        filename: %s", path));
         if (e->type == VMDK_ET_SPARSE) {
-            g_string_append_printf(j, ", \"cluster-size\": %" G_GUINT64_FORMAT, e->grain_bytes);
+            g_string_append_printf(j, ",\n\"cluster-size\": %" G_GUINT64_FORMAT, e->grain_bytes);
             g_ptr_array_add(lines, g_strdup_printf("        cluster size: %" G_GUINT64_FORMAT, e->grain_bytes));
         }
         const char *fmt = e->type_name ? e->type_name : "";
-        g_string_append(j, ", \"format\": ");
+        g_string_append(j, ",\n\"format\": ");
         json_str(j, fmt);
-        g_string_append(j, "}");
+        g_string_append(j, "\n}");
         g_ptr_array_add(lines, g_strdup_printf("        format: %s", fmt));
         g_free(path);
     }
-    g_string_append(j, "]}");
+    g_string_append(j, s->n_ext ? "\n]\n}" : "]\n}");
     info->specific_json = j;
     info->specific_lines = lines;
     if (s->desc.parent_hint) {

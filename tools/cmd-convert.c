@@ -80,6 +80,8 @@ cmd_convert(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     const char *src_fmt = NULL;
+    const char *snapshot_param = NULL; /* -l */
+    GPtrArray *sn_opts = NULL;
     const char *out_fmt = "raw";
     const char *cache = "writeback";
     const char *src_cache = "writeback";
@@ -191,8 +193,8 @@ cmd_convert(int argc, char **argv)
         case 'U':
             break;
         case 'l':
-            tool_error(NULL, "-l (snapshots) is not supported by the formats in this build");
-            goto out_args;
+            snapshot_param = optarg;
+            break;
         case 'C':
             tool_error(NULL, "-C (copy offloading) is not supported yet");
             goto out_args;
@@ -238,6 +240,33 @@ cmd_convert(int argc, char **argv)
     uint64_t total = 0;
 
     ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio, .image_opts = src_image_opts};
+    if (snapshot_param) {
+        /* -l snapshot.id=ID,snapshot.name=NAME, or -l ID_OR_NAME (qemu-img's forms) */
+        if (nsrc > 1) {
+            tool_error(NULL, "No support for concatenating multiple snapshot");
+            goto out;
+        }
+        sn_opts = g_ptr_array_new_with_free_func(g_free);
+        if (g_str_has_prefix(snapshot_param, "snapshot.")) {
+            GError *perr = NULL;
+            if (!tool_parse_kv(snapshot_param, sn_opts, &perr)) {
+                tool_gerror(NULL, perr);
+                goto out;
+            }
+            for (guint i = 0; i < sn_opts->len; i += 2) {
+                const char *k = sn_opts->pdata[i];
+                if (strcmp(k, "snapshot.id") != 0 && strcmp(k, "snapshot.name") != 0) {
+                    tool_error(NULL, "Invalid parameter '%s'", k);
+                    tool_error(NULL, "Failed in parsing snapshot param '%s'", snapshot_param);
+                    goto out;
+                }
+            }
+        } else {
+            g_ptr_array_add(sn_opts, g_strdup("snapshot"));
+            g_ptr_array_add(sn_opts, g_strdup(snapshot_param));
+        }
+        so.opts = sn_opts;
+    }
     for (int i = 0; i < nsrc; i++) {
         src[i] = tool_open(argv[optind + i], &so);
         if (!src[i]) {
@@ -345,6 +374,9 @@ out_sig:
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
 out:
+    if (sn_opts) {
+        g_ptr_array_unref(sn_opts);
+    }
     if (dst) {
         vdk_image_close(dst, NULL);
     }

@@ -33,6 +33,30 @@ node_info_json(Json *j, VdkNode *n)
     if (info.backing_format) {
         json_str(j, "backing-filename-format", info.backing_format);
     }
+    if (n->drv->snapshot_list) {
+        VdkSnapshotInfo *l = NULL;
+        int count = n->drv->snapshot_list(n, &l);
+        if (count > 0) {
+            /* qemu-img's keys, in its order */
+            json_begin_array(j, "snapshots");
+            for (int i = 0; i < count; i++) {
+                json_begin_object(j, NULL);
+                if (l[i].icount != UINT64_MAX) {
+                    json_uint(j, "icount", l[i].icount);
+                }
+                json_uint(j, "vm-clock-nsec", l[i].vm_clock_nsec % 1000000000ULL);
+                json_str(j, "name", l[i].name);
+                json_uint(j, "date-sec", l[i].date_sec);
+                json_uint(j, "date-nsec", l[i].date_nsec);
+                json_uint(j, "vm-clock-sec", l[i].vm_clock_nsec / 1000000000ULL);
+                json_str(j, "id", l[i].id);
+                json_uint(j, "vm-state-size", l[i].vm_state_size);
+                json_end_object(j);
+            }
+            json_end_array(j);
+        }
+        vdk_snapshot_list_free(l, count);
+    }
     json_uint(j, "virtual-size", n->size);
     json_str(j, "filename", n->filename);
     if (info.cluster_size) {
@@ -85,6 +109,15 @@ node_info_human(VdkNode *n)
     }
     if (info.dirty) {
         printf("cleanly shut down: no\n");
+    }
+    if (n->drv->snapshot_list) {
+        VdkSnapshotInfo *l = NULL;
+        int count = n->drv->snapshot_list(n, &l);
+        if (count > 0) {
+            printf("Snapshot list:\n");
+            tool_print_snapshots(l, count);
+        }
+        vdk_snapshot_list_free(l, count);
     }
     if (info.specific_lines && info.specific_lines->len > 0) {
         printf("Format specific information:\n");

@@ -474,7 +474,52 @@ void
 json_raw(Json *j, const char *key, const char *text)
 {
     json_key(j, key);
-    g_string_append(j->s, text);
+    if (!j->pretty) {
+        g_string_append(j->s, text);
+        return;
+    }
+    /* Pretty text from a driver: re-indent each line for the depth it is
+     * inserted at (the text's own indentation is ignored). */
+    int level = 0;
+    bool in_str = false, esc = false, first = true;
+    const char *p = text;
+    while (*p) {
+        const char *nl = strchr(p, '\n');
+        size_t len = nl ? (size_t)(nl - p) : strlen(p);
+        const char *q = p;
+        while (q < p + len && (*q == ' ' || *q == '\t')) {
+            q++;
+        }
+        size_t n = (size_t)(p + len - q);
+        if (!first) {
+            int lv = level - ((n && !in_str && (*q == '}' || *q == ']')) ? 1 : 0);
+            g_string_append_c(j->s, '\n');
+            for (int i = 0; i < j->depth + lv; i++) {
+                g_string_append(j->s, "    ");
+            }
+        }
+        g_string_append_len(j->s, q, (gssize)n);
+        for (size_t i = 0; i < n; i++) {
+            char c = q[i];
+            if (in_str) {
+                if (esc) {
+                    esc = false;
+                } else if (c == '\\') {
+                    esc = true;
+                } else if (c == '"') {
+                    in_str = false;
+                }
+            } else if (c == '"') {
+                in_str = true;
+            } else if (c == '{' || c == '[') {
+                level++;
+            } else if (c == '}' || c == ']') {
+                level--;
+            }
+        }
+        first = false;
+        p = nl ? nl + 1 : p + len;
+    }
 }
 
 char *
@@ -601,4 +646,30 @@ tool_cvtstr(double value)
         memmove(dot, dot + 4, strlen(dot + 4) + 1);
     }
     return s;
+}
+
+void
+tool_print_snapshots(const VdkSnapshotInfo *l, int count)
+{
+    /* qemu-img's columns (bdrv_snapshot_dump) */
+    printf("%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT");
+    for (int i = 0; i < count; i++) {
+        char date[32] = "";
+        time_t ti = (time_t)l[i].date_sec;
+        struct tm tm;
+        if (localtime_r(&ti, &tm)) {
+            strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+        }
+        uint64_t secs = l[i].vm_clock_nsec / 1000000000ULL;
+        char clock[64];
+        snprintf(clock, sizeof(clock), "%02d:%02d:%02d.%03d", (int)(secs / 3600), (int)((secs / 60) % 60),
+                 (int)(secs % 60), (int)((l[i].vm_clock_nsec / 1000000) % 1000));
+        char icount[32] = "";
+        if (l[i].icount != UINT64_MAX) {
+            snprintf(icount, sizeof(icount), "%" G_GINT64_FORMAT, (gint64)l[i].icount);
+        }
+        char *size = vdk_size_to_str(l[i].vm_state_size);
+        printf("%-9s %-16s %8s%20s%13s%11s\n", l[i].id, l[i].name, size, date, clock, icount);
+        g_free(size);
+    }
 }

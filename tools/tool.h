@@ -33,6 +33,10 @@ int cmd_resize(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_io(int argc, char **argv);
+int cmd_measure(int argc, char **argv);
+int cmd_snapshot(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
+int cmd_rebase(int argc, char **argv);
 
 extern bool tool_verbose;
 extern bool tool_quiet;
@@ -130,5 +134,7 @@ bool tool_parse_progress(const char *s, ProgressMode *out);
 
 /* Human sizes in qemu-io's style: "64 KiB", "1.500 MiB", "100 bytes". */
 char *tool_cvtstr(double value);
+/* qemu-img snapshot -l / info: the snapshot table (header line and rows). */
+void tool_print_snapshots(const VdkSnapshotInfo *list, int count);
 
 #endif /* VDK_TOOL_H */

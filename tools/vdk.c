@@ -16,13 +16,17 @@
 static const ToolCommand commands[] = {
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
     {"check", cmd_check, "check an image for consistency"},
+    {"commit", cmd_commit, "write an overlay's changes into its backing file"},
     {"compare", cmd_compare, "compare the guest-visible content of two images"},
     {"convert", cmd_convert, "copy an image into another file and format"},
     {"create", cmd_create, "create a new image"},
     {"info", cmd_info, "show information about an image"},
     {"io", cmd_io, "run qemu-io style commands against an image"},
     {"map", cmd_map, "show where an image's data lives"},
+    {"measure", cmd_measure, "calculate the file size a new image needs"},
+    {"rebase", cmd_rebase, "change an image's backing file"},
     {"resize", cmd_resize, "change an image's virtual size"},
+    {"snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots"},
 };
 
 static void

@@ -840,6 +840,7 @@ typedef enum {
     CHANGE_DISCARD,
     CHANGE_ZERO,        /* may unmap */
     CHANGE_ZERO_KEEP,   /* keep the allocation */
+    CHANGE_UNALLOC,     /* unallocated: the backing file shows through */
 } ChangeKind;
 
 /* Apply @kind to whole clusters from r->cursor, within one L2 slice.
@@ -856,7 +857,7 @@ change_clusters(Qcow2 *s, VdkRequest *r, uint64_t end, ChangeKind kind)
         return ret;
     }
     uint64_t table_end = ((l.l1_idx + 1) * s->l2_entries) << s->cluster_bits;
-    if (!l.table && (!s->node->backing || (kind == CHANGE_DISCARD && s->version < 3))) {
+    if (!l.table && (kind == CHANGE_UNALLOC || !s->node->backing || (kind == CHANGE_DISCARD && s->version < 3))) {
         /* Nothing allocated in this whole table: it reads as zeroes (or, for
          * a v2 discard, may keep showing the backing file). */
         r->cursor = MIN(vdk_align_down(end, cs), table_end);
@@ -889,8 +890,8 @@ change_clusters(Qcow2 *s, VdkRequest *r, uint64_t end, ChangeKind kind)
         uint64_t ne, nbm = 0;
         bool keep = kind == CHANGE_ZERO_KEEP && (e & QCOW2_OFLAG_COPIED) && !(e & QCOW2_OFLAG_COMPRESSED) &&
                     (e & QCOW2_OFFSET_MASK);
-        if (kind == CHANGE_DISCARD && !(s->version >= 3 && s->node->backing)) {
-            ne = 0; /* unallocated: zeroes, or the backing file (v2) */
+        if (kind == CHANGE_UNALLOC || (kind == CHANGE_DISCARD && !(s->version >= 3 && s->node->backing))) {
+            ne = 0; /* unallocated: zeroes, or the backing file */
         } else if (s->extl2) {
             ne = keep ? (e & (QCOW2_OFFSET_MASK | QCOW2_OFLAG_COPIED)) : 0;
             nbm = 0xffffffffULL << 32;
@@ -959,6 +960,12 @@ zero_or_discard(VdkNode *n, VdkRequest *r, bool discard)
         end = vdk_align_down(end, cs);
     }
     ChangeKind kind = discard ? CHANGE_DISCARD : (r->flags & VDK_REQ_MAY_UNMAP) ? CHANGE_ZERO : CHANGE_ZERO_KEEP;
+    if (discard && (r->flags & VDK_DISCARD_UNALLOC)) {
+        kind = CHANGE_UNALLOC;
+        if (end >= s->size) {
+            end = qcow2_align(s, end); /* the image's last, partial cluster too */
+        }
+    }
     int ret = 0;
     while (r->cursor + cs <= end) {
         g_mutex_lock(&n->lock);

@@ -149,10 +149,11 @@ parse_params(VdkCreateCtx *cc, const VdkCreateOptions *o, Params *p, GError **er
     if (!vdk_create_opt_size(o, "size", &p->size, &present, error)) {
         return false;
     }
-    if (p->backing) {
+    if (p->backing && cc) {
         /* Open the backing file as the new image will (relative to its
          * name): it must exist, its format must be known, and it gives the
-         * size when none was asked for (not with -u). */
+         * size when none was asked for (not with -u).  (Measuring, cc is
+         * NULL: only the presence of a backing file matters.) */
         uint64_t bsize = 0;
         if (!vdk_create_backing_probe(o, vdk_create_filename(cc), &bsize, error)) {
             return false;
@@ -162,7 +163,7 @@ parse_params(VdkCreateCtx *cc, const VdkCreateOptions *o, Params *p, GError **er
             present = true;
         }
     }
-    if (!present) {
+    if (!present && cc) {
         g_set_error(error, VDK_ERROR, EINVAL, "Image creation needs a size parameter");
         return false;
     }
@@ -181,6 +182,80 @@ put_feature(uint8_t *e, uint8_t type, uint8_t bit, const char *name)
     e[0] = type;
     e[1] = bit;
     memcpy(e + 2, name, strlen(name));
+}
+
+/* Refcount metadata (blocks and table clusters) needed to count @clusters
+ * clusters plus itself: the fixed point of the recursion. */
+static uint64_t
+refcount_metadata_clusters(uint64_t clusters, uint64_t cs, uint32_t refcount_order)
+{
+    uint64_t per_block = cs * 8 / (1ULL << refcount_order);
+    uint64_t per_table = cs / 8;
+    uint64_t blocks = 0, table = 0, n = 0, last;
+    do {
+        last = n;
+        blocks = (clusters + table + blocks + per_block - 1) / per_block;
+        table = (blocks + per_table - 1) / per_table;
+        n = clusters + blocks + table;
+    } while (n != last);
+    return blocks + table;
+}
+
+/*
+ * qemu-img measure for qcow2 (the same numbers as qemu's): the fully
+ * allocated size is header + every L2 table + the L1 table + refcount
+ * metadata for all of it + every data cluster; "required" replaces the data
+ * clusters by those the source has allocated (all of them with a backing
+ * file, which may share nothing, or with falloc/full preallocation).
+ */
+bool
+qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error)
+{
+    Params p;
+    if (!parse_params(NULL, o, &p, error)) {
+        return false;
+    }
+    uint64_t cs = 1ULL << p.cluster_bits;
+    uint64_t l2e = p.extl2 ? 16 : 8;
+    if (size > QCOW2_MAX_VIRTUAL_SIZE) {
+        g_set_error(error, VDK_ERROR, EFBIG, "The image size is too large (try using a larger cluster size)");
+        return false;
+    }
+    uint64_t vsize = vdk_align_up(size, cs);
+    uint64_t per_l2 = cs / l2e;
+    uint64_t l2_tables = (vsize / cs + per_l2 - 1) / per_l2;
+    if (l2_tables * 8 > QCOW2_MAX_L1_BYTES) {
+        g_set_error(error, VDK_ERROR, EFBIG, "The image size is too large (try using a larger cluster size)");
+        return false;
+    }
+    uint64_t required = 0;
+    if (src) {
+        if (p.backing) {
+            required = vsize;
+        } else if (!vdk_measure_allocated(src, cs, &required, error)) {
+            return false;
+        }
+    }
+    if (p.prealloc == VDK_PREALLOC_FULL || p.prealloc == VDK_PREALLOC_FALLOC) {
+        required = vsize;
+    }
+    uint64_t meta = cs;                      /* header */
+    uint64_t nl2e = vdk_align_up(vsize / cs, per_l2);
+    meta += nl2e * l2e;                      /* L2 tables */
+    uint64_t nl1e = vdk_align_up(nl2e * l2e / cs, cs / 8);
+    meta += nl1e * 8;                        /* L1 table */
+    meta += refcount_metadata_clusters((meta + vsize) / cs, cs, p.refcount_order) * cs;
+    m->fully_allocated = meta + vsize;
+    m->required = m->fully_allocated - vsize + required;
+    /* qemu shows the bitmaps' size when both images can have bitmaps */
+    m->has_bitmaps = p.version >= 3 && src && qcow2_image_supports_bitmaps(src);
+    m->bitmaps = 0;
+    if (m->has_bitmaps && qcow2_image_has_bitmaps(src)) {
+        g_set_error(error, VDK_ERROR, ENOTSUP,
+                    "qcow2: measuring the persistent bitmaps of the source is not supported yet");
+        return false;
+    }
+    return true;
 }
 
 bool

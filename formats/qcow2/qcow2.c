@@ -78,6 +78,8 @@ qcow2_update_header_buf(Qcow2 *s)
     qput64(h + 40, s->l1_offset);
     qput64(h + 48, s->reftable_offset);
     qput32(h + 56, s->reftable_clusters);
+    qput32(h + 60, s->nb_snapshots);
+    qput64(h + 64, s->snapshots_offset);
     if (s->version >= 3) {
         qput64(h + 72, s->incompatible);
         qput64(h + 80, s->compatible);
@@ -223,8 +225,8 @@ read_table(Qcow2 *s, uint64_t offset, uint64_t entries, uint64_t **out, const ch
     return true;
 }
 
-static void
-snapshots_free(Qcow2 *s)
+void
+qcow2_snapshots_free(Qcow2 *s)
 {
     if (!s->snapshots) {
         return;
@@ -232,6 +234,7 @@ snapshots_free(Qcow2 *s)
     for (uint32_t i = 0; i < s->nb_snapshots; i++) {
         g_free(s->snapshots[i].id);
         g_free(s->snapshots[i].name);
+        g_free(s->snapshots[i].extra);
     }
     g_free(s->snapshots);
     s->snapshots = NULL;
@@ -303,12 +306,65 @@ read_snapshots(Qcow2 *s, GError **error)
             sn->icount = qbe64(var + 16);
             sn->has_icount = sn->icount != UINT64_MAX;
         }
+        sn->extra_len = extra;
+        sn->extra = extra ? g_memdup2(var, extra) : NULL;
         sn->id = g_strndup((const char *)var + extra, id_len);
         sn->name = g_strndup((const char *)var + extra + id_len, name_len);
         g_free(var);
         off += sizeof(h) + extra + id_len + name_len;
         off = (off + 7) & ~7ULL;
     }
+    return true;
+}
+
+/* Open options snapshot.id / snapshot.name / snapshot (ID or name): the
+ * top image shows that snapshot's disk, read-only (qemu-img convert -l). */
+static bool
+open_snapshot(VdkNode *n, Qcow2 *s, GError **error)
+{
+    GHashTable *kv = n->img->opts.extra;
+    const char *id = g_hash_table_lookup(kv, "snapshot.id");
+    const char *name = g_hash_table_lookup(kv, "snapshot.name");
+    const char *either = g_hash_table_lookup(kv, "snapshot");
+    if (n->depth != 0 || (!id && !name && !either)) {
+        return true;
+    }
+    if (!n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "qcow2: a snapshot can only be opened read-only");
+        return false;
+    }
+    int idx = -1;
+    for (uint32_t i = 0; i < s->nb_snapshots && idx < 0; i++) {
+        const Qcow2Snapshot *sn = &s->snapshots[i];
+        if (either ? !strcmp(sn->id, either) : ((!id || !strcmp(sn->id, id)) && (!name || !strcmp(sn->name, name)))) {
+            idx = (int)i;
+        }
+    }
+    for (uint32_t i = 0; either && i < s->nb_snapshots && idx < 0; i++) {
+        if (!strcmp(s->snapshots[i].name, either)) {
+            idx = (int)i;
+        }
+    }
+    if (idx < 0) {
+        g_set_error(error, VDK_ERROR, ENOENT, "Failed to load snapshot: Can't find snapshot");
+        return false;
+    }
+    const Qcow2Snapshot *sn = &s->snapshots[idx];
+    uint64_t *l1 = qcow2_snapshot_load_l1(s, sn, error);
+    if (!l1) {
+        return false;
+    }
+    if (sn->disk_size > QCOW2_MAX_VIRTUAL_SIZE ||
+        sn->l1_size < ((sn->disk_size + (s->l2_entries << s->cluster_bits) - 1) >> (s->l2_bits + s->cluster_bits))) {
+        g_free(l1);
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: snapshot '%s': its L1 table (%u entries) cannot map its disk size %"
+                    G_GUINT64_FORMAT, sn->name, sn->l1_size, sn->disk_size);
+        return false;
+    }
+    g_free(s->l1);
+    s->l1 = l1;
+    s->l1_size = sn->l1_size;
+    s->size = sn->disk_size;
     return true;
 }
 
@@ -624,6 +680,9 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
     if (!read_snapshots(s, error)) {
         return false;
     }
+    if (!open_snapshot(n, s, error)) {
+        return false;
+    }
     s->l1_dirty_lo = s->reftable_dirty_lo = UINT64_MAX;
 
     /* allocation pointer: past everything in the file */
@@ -665,7 +724,7 @@ qcow2_free_state(Qcow2 *s)
     if (s->frees) {
         g_array_free(s->frees, TRUE);
     }
-    snapshots_free(s);
+    qcow2_snapshots_free(s);
     g_free(s->l1);
     g_free(s->reftable);
     g_free(s->hdr);
@@ -799,8 +858,115 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"l2-cache-size", VDK_OPT_SIZE, "Maximum L2 table cache size", "32M or what maps the image", false},
     {"refcount-cache-size", VDK_OPT_SIZE, "Maximum refcount block cache size", "8M", false},
     {"l2-cache-entry-size", VDK_OPT_SIZE, "L2 cache slice size", "cluster size", false},
+    {"snapshot.id", VDK_OPT_STRING, "Open this internal snapshot (by ID), read-only", NULL, false},
+    {"snapshot.name", VDK_OPT_STRING, "Open this internal snapshot (by name), read-only", NULL, false},
+    {"snapshot", VDK_OPT_STRING, "Open this internal snapshot (by ID, else name), read-only", NULL, false},
     {NULL, 0, NULL, NULL, false},
 };
+
+/*
+ * Record another backing file (rebase): the header cluster is rebuilt with
+ * the backing format extension first (as qemu writes it), the other
+ * extensions kept in their order, and the name after them; it is written
+ * in one piece and synced.  @name NULL or "": no backing file.
+ */
+bool
+qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **error)
+{
+    Qcow2 *s = n->opaque;
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    if (s->corrupt) {
+        g_set_error(error, VDK_ERROR, EIO, "qcow2: the image is marked corrupt");
+        return false;
+    }
+    size_t name_len = name ? strlen(name) : 0;
+    size_t fmt_len = (name_len && fmt) ? strlen(fmt) : 0;
+    if (name_len > QCOW2_MAX_BACKING_NAME) {
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: backing file name is longer than %d bytes",
+                    QCOW2_MAX_BACKING_NAME);
+        return false;
+    }
+    if (fmt_len > 32) {
+        g_set_error(error, VDK_ERROR, EINVAL, "qcow2: backing format name '%s' is too long", fmt);
+        return false;
+    }
+    uint32_t cs = s->cluster_size;
+    g_mutex_lock(&n->lock);
+    uint8_t *nh = g_malloc0(cs);
+    memcpy(nh, s->hdr, s->header_length);
+    uint32_t pos = s->header_length;
+    bool fits = true;
+    if (fmt_len) {
+        qput32(nh + pos, QCOW2_EXT_BACKING_FORMAT);
+        qput32(nh + pos + 4, (uint32_t)fmt_len);
+        memcpy(nh + pos + 8, fmt, fmt_len);
+        pos += 8 + (uint32_t)((fmt_len + 7) & ~7u);
+    }
+    uint64_t old_boff = qbe64(s->hdr + 8);
+    uint32_t limit = old_boff && old_boff < cs ? (uint32_t)old_boff : cs;
+    for (uint32_t off = s->header_length; off + 8 <= limit;) {
+        uint32_t t = qbe32(s->hdr + off);
+        uint32_t len = qbe32(s->hdr + off + 4);
+        if (t == QCOW2_EXT_END || len > limit - off - 8) {
+            break;
+        }
+        uint32_t whole = 8 + ((len + 7) & ~7u);
+        if (t != QCOW2_EXT_BACKING_FORMAT) {
+            if (pos + whole + 8 > cs) {
+                fits = false;
+                break;
+            }
+            memcpy(nh + pos, s->hdr + off, MIN(whole, limit - off));
+            pos += whole;
+        }
+        off += whole;
+    }
+    pos += 8; /* end of extensions (zeroes) */
+    if (!fits || pos + name_len > cs) {
+        g_mutex_unlock(&n->lock);
+        g_free(nh);
+        g_set_error(error, VDK_ERROR, ENOSPC, "qcow2: the header extensions and the backing file name do not fit "
+                    "in one cluster (%u bytes)", cs);
+        return false;
+    }
+    if (name_len) {
+        memcpy(nh + pos, name, name_len);
+    }
+    qput64(nh + 8, name_len ? pos : 0);
+    qput32(nh + 16, (uint32_t)name_len);
+    memcpy(s->hdr, nh, cs);
+    s->hdr_used = pos + (uint32_t)name_len;
+    s->hdr_dirty = true;
+    g_free(nh);
+    g_free(n->backing_name);
+    g_free(n->backing_fmt);
+    n->backing_name = name_len ? g_strdup(name) : NULL;
+    n->backing_fmt = fmt_len ? g_strdup(fmt) : NULL;
+    g_mutex_unlock(&n->lock);
+    int r = vdk_image_sync_request(n->img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_EVICT, NULL);
+    if (r < 0) {
+        g_set_error(error, VDK_ERROR, -r, "qcow2: cannot write the header: %s", g_strerror(-r));
+        return false;
+    }
+    return true;
+}
+
+bool
+qcow2_image_supports_bitmaps(VdkImage *img)
+{
+    VdkNode *n = img->top;
+    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->version >= 3;
+}
+
+bool
+qcow2_image_has_bitmaps(VdkImage *img)
+{
+    VdkNode *n = img->top;
+    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->has_bitmaps;
+}
 
 const VdkFormat vdk_format_qcow2 = {
     .name = "qcow2",
@@ -821,4 +987,10 @@ const VdkFormat vdk_format_qcow2 = {
     .open_opts = qcow2_open_opts,
     .info = qcow2_info,
     .check = qcow2_check,
+    .measure = qcow2_measure,
+    .snapshot_create = qcow2_snapshot_create,
+    .snapshot_apply = qcow2_snapshot_apply,
+    .snapshot_delete = qcow2_snapshot_delete,
+    .snapshot_list = qcow2_snapshot_list,
+    .change_backing = qcow2_change_backing,
 };

@@ -75,6 +75,8 @@ typedef struct Qcow2Snapshot {
     uint64_t vm_state_size;
     uint64_t icount;
     bool has_icount;
+    uint32_t extra_len;  /* extra data as stored (kept byte for byte on rewrite) */
+    uint8_t *extra;
 } Qcow2Snapshot;
 
 typedef struct Qcow2Alloc Qcow2Alloc;
@@ -238,6 +240,7 @@ int qcow2_signal_corruption(Qcow2 *s, const char *fmt, ...) G_GNUC_PRINTF(2, 3);
 /* Patch the in-memory header fields from the state. */
 void qcow2_update_header_buf(Qcow2 *s);
 bool qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error);
+bool qcow2_change_backing(VdkNode *n, const char *name, const char *fmt, GError **error);
 
 /* qcow2-refcount.c */
 /* Allocate @n contiguous clusters at the end of the image with refcount
@@ -289,7 +292,21 @@ int qcow2_writeback_sync(Qcow2 *s, bool final);
 
 /* qcow2-create.c */
 bool qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *opts, GError **error);
+bool qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error);
+/* @img's top layer is a qcow2 v3 image (it can hold persistent bitmaps) /
+ * has a bitmaps extension. */
+bool qcow2_image_supports_bitmaps(VdkImage *img);
+bool qcow2_image_has_bitmaps(VdkImage *img);
 extern const VdkOptionDesc qcow2_create_opts[];
+
+/* qcow2-snapshot.c */
+bool qcow2_snapshot_create(VdkNode *n, const char *name, GError **error);
+bool qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error);
+bool qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error);
+int qcow2_snapshot_list(VdkNode *n, VdkSnapshotInfo **out);
+void qcow2_snapshots_free(Qcow2 *s);
+/* A snapshot's L1 table, validated, in host order (g_free). */
+uint64_t *qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **error);
 
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);

@@ -354,6 +354,88 @@ VDK_API bool vdk_create_options_check_backing(VdkCreateOptions *opts, const char
 VDK_API bool vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error);
 
 /* ------------------------------------------------------------------------ */
+/* Internal snapshots                                                        */
+/* ------------------------------------------------------------------------ */
+
+/** One internal snapshot (qemu-img snapshot -l's columns). */
+typedef struct VdkSnapshotInfo {
+    char *id;               /* unique ID ("1", "2", ...) */
+    char *name;             /* tag; several snapshots may share one */
+    uint64_t vm_state_size; /* bytes of saved VM state (0 for disk-only snapshots) */
+    uint32_t date_sec, date_nsec; /* creation time (Unix time) */
+    uint64_t vm_clock_nsec; /* guest clock at creation */
+    uint64_t icount;        /* instruction count, or UINT64_MAX when not recorded */
+    uint64_t disk_size;     /* virtual size when it was taken */
+} VdkSnapshotInfo;
+
+/**
+ * vdk_image_snapshot_list: the top image's internal snapshots in table
+ * order, in *@out (free with vdk_snapshot_list_free); returns the count
+ * (0 for formats without snapshots), or -1 with @error set.
+ */
+VDK_API int vdk_image_snapshot_list(VdkImage *img, VdkSnapshotInfo **out, GError **error);
+VDK_API void vdk_snapshot_list_free(VdkSnapshotInfo *list, int count);
+/**
+ * vdk_image_snapshot_create / _apply / _delete: qemu-img snapshot -c / -a /
+ * -d on the top image, which must be writable.  create records the current
+ * disk state under @name (names need not be unique; IDs are); apply
+ * reverts the disk to the first snapshot whose ID or else name is @name;
+ * delete removes the first snapshot named @name.  Crash-safe: an
+ * interruption leaves the old or the new state, at worst with leaked
+ * clusters.  Blocking; no queue of the image may have requests in flight.
+ * ENOTSUP for formats without internal snapshots, ENOENT when not found.
+ */
+VDK_API bool vdk_image_snapshot_create(VdkImage *img, const char *name, GError **error);
+VDK_API bool vdk_image_snapshot_apply(VdkImage *img, const char *name, GError **error);
+VDK_API bool vdk_image_snapshot_delete(VdkImage *img, const char *name, GError **error);
+
+/* ------------------------------------------------------------------------ */
+/* Backing chains                                                            */
+/* ------------------------------------------------------------------------ */
+
+/**
+ * vdk_image_commit: qemu-img commit.  Writes the data of the top image
+ * (and of the images between it and @base) into @base, a file of @img's
+ * backing chain (NULL: the top's backing file), growing it if it is
+ * smaller; then, unless @keep_overlay or @base is given, empties the top
+ * image so the backing file shows through.  @img must be writable; the
+ * base is opened read-write for the copy.  @progress (may be NULL) gets
+ * bytes done and total and may return false to cancel (ECANCELED).
+ * Blocking; no request may be in flight on @img.
+ */
+VDK_API bool vdk_image_commit(VdkImage *img, const char *base, bool keep_overlay,
+                              bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
+                              GError **error);
+/**
+ * vdk_image_rebase: qemu-img rebase.  Records @backing (format
+ * @backing_fmt, required unless @backing is NULL or "": no backing file)
+ * as the top image's backing file.  Unless @unsafe, first copies into the
+ * top image every range where the old chain and the new backing file
+ * differ, so the guest-visible content stays the same.  Relative names are
+ * resolved against the image's directory and recorded as given.  Close
+ * and reopen @img afterwards to read through the new chain.  Blocking.
+ */
+VDK_API bool vdk_image_rebase(VdkImage *img, const char *backing, const char *backing_fmt, bool unsafe,
+                              bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
+                              GError **error);
+
+/** What a new image needs on disk (qemu-img measure). */
+typedef struct VdkMeasure {
+    uint64_t required;        /* bytes for the image with the source's data ("required size") */
+    uint64_t fully_allocated; /* bytes with every cluster/block allocated */
+    bool has_bitmaps;         /* @bitmaps is meaningful (both images can hold persistent bitmaps) */
+    uint64_t bitmaps;         /* bytes for the source's persistent bitmaps */
+} VdkMeasure;
+
+/**
+ * vdk_measure: the size of an image created with @opts (format and -o
+ * options) holding the content of @src, or, with @src NULL, empty and of
+ * the "size" option's size (required then).  Reads @src's block status
+ * (blocking).  Fails with ENOTSUP for formats that cannot measure.
+ */
+VDK_API bool vdk_measure(const VdkCreateOptions *opts, VdkImage *src, VdkMeasure *out, GError **error);
+
+/* ------------------------------------------------------------------------ */
 /* Utilities                                                                 */
 /* ------------------------------------------------------------------------ */
 

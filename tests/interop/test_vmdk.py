@@ -120,6 +120,9 @@ def t_qemu_read(t, sub):
     qi = drop_actual(parse_json(t.qemu_img('info', '--output=json', 'img.vmdk'), 'qemu-img info'))
     vi = drop_actual(parse_json(t.vdk('info', '--output=json', 'img.vmdk'), 'vdk info'))
     expect_eq(vi, qi, 'vdk info --output=json vs qemu-img info')
+    qj = [l for l in t.qemu_img('info', '--output=json', 'img.vmdk').out.splitlines() if 'actual-size' not in l]
+    vj = [l for l in t.vdk('info', '--output=json', 'img.vmdk').out.splitlines() if 'actual-size' not in l]
+    expect_eq(vj, qj, 'vdk info --output=json vs qemu-img info, line by line')
     qt = [l for l in t.qemu_img('info', 'img.vmdk').out.splitlines() if not l.startswith('disk size')]
     vt = [l for l in t.vdk('info', 'img.vmdk').out.splitlines() if not l.startswith('disk size')]
     expect_eq(vt, qt, 'vdk info vs qemu-img info (text)')
