@@ -111,6 +111,7 @@ struct Vmdk {
     uint64_t desc_off, desc_cap; /* bytes */
     bool cid_updated;
     bool desc_dirty;
+    int parent_ok; /* 0 not checked yet, 1 parent CID matches, -1 it does not */
     VmdkExt *ext;
     size_t n_ext;
     bool corrupt;
@@ -1009,9 +1010,36 @@ map_sparse_write(Vmdk *s, VmdkExt *e, uint64_t offset, uint64_t len, VdkExtent *
     return 0;
 }
 
+/* A delta disk is valid only over the parent it was made from: the
+ * parent's CID must still be the parentCID recorded (a parent written
+ * since has a new CID).  Checked on first use, as qemu does (its reads
+ * then fail with EINVAL). */
+static bool
+parent_matches(Vmdk *s)
+{
+    if (s->parent_ok == 0) {
+        VdkNode *b = s->node->backing;
+        s->parent_ok = 1;
+        if (b && b->drv == &vdk_format_vmdk && s->desc.has_parent_cid && b->opaque) {
+            Vmdk *ps = b->opaque;
+            if (ps->desc.cid != s->desc.parent_cid) {
+                s->parent_ok = -1;
+                g_log("vdk", G_LOG_LEVEL_WARNING,
+                      "vmdk: %s: the parent '%s' was modified since this delta disk was made (parentCID %08x, "
+                      "parent CID %08x)",
+                      s->node->filename, b->filename, s->desc.parent_cid, ps->desc.cid);
+            }
+        }
+    }
+    return s->parent_ok > 0;
+}
+
 static int
 map_locked(Vmdk *s, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r)
 {
+    if (!parent_matches(s)) {
+        return -EINVAL;
+    }
     VmdkExt *e = find_ext(s, offset);
     if (!e) {
         return -EIO;

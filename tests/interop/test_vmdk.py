@@ -254,6 +254,24 @@ def t_delta(t):
     res = t.vdk('map', '--output=json', 'qchild.vmdk')
     expect_eq(parse_json(res, 'vdk map'), parse_json(t.qemu_img('map', '--output=json', 'qchild.vmdk'), 'map'),
               'map of a delta disk')
+    # the parent written after the child was made: its CID changes and the
+    # child no longer reads (qemu: EINVAL), with vdk writing or qemu
+    for writer in ('vdk', 'qemu'):
+        for n in ('p.vmdk', 'c.vmdk'):
+            if os.path.exists(t.path(n)):
+                os.unlink(t.path(n))
+        t.vdk('create', '-f', 'vmdk', 'p.vmdk', '16M')
+        t.vdk('create', '-f', 'vmdk', '-b', 'p.vmdk', '-F', 'vmdk', 'c.vmdk')
+        t.vdk_io('c.vmdk', 'read 0 4k', fmt='vmdk')
+        if writer == 'vdk':
+            t.vdk_io('p.vmdk', 'write -P 1 0 4k', fmt='vmdk')
+        else:
+            t.qemu_io('p.vmdk', 'write -P 1 0 4k', fmt='vmdk')
+        rq = t.qemu_io_raw('c.vmdk', ['read 0 4k'], fmt='vmdk')
+        expect('read failed' in rq.out + rq.err, 'qemu refuses the stale child (test premise)', rq)
+        rv = t.vdk_io_raw('c.vmdk', ['read 0 4k'], fmt='vmdk')
+        expect('failed' in rv.out + rv.err and 'was modified since this delta disk was made' in rv.err,
+               'vdk refuses a child whose parent changed (%s wrote the parent)' % writer, rv)
 
 
 def t_resize(t, sub, size, new):
