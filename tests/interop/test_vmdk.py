@@ -369,6 +369,25 @@ def t_check_redundant(t):
     expect('differs from its redundant copy' in res.err + res.out, 'mismatch reported', res)
 
 
+def t_descriptor_stable(t):
+    """vdk's first write changes the CID line and nothing else of a
+    descriptor, custom keys, comments, spacing and CRLF included."""
+    res = t.qemu_img('create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', 'img.vmdk', '16M')
+    expect_rc(res, 0, 'qemu-img create (test premise)')
+    text = t.content('img.vmdk').rstrip(b'\0').decode()
+    text = text.replace('\n', '\r\n') + '# a comment\r\nddb.custom.key   =   "kept as is"\r\nsomething = else\r\n'
+    t.write_bytes('img.vmdk', text.encode())
+    t.vdk_io('img.vmdk', 'write -P 7 0 4k', fmt='vmdk')
+    after = t.content('img.vmdk').decode()
+    a, b = text.split('\r\n'), after.split('\r\n')
+    expect_eq(len(b), len(a), 'descriptor line count')
+    diff = [(x, y) for x, y in zip(a, b) if x != y]
+    expect(len(diff) == 1 and diff[0][0].startswith('CID=') and diff[0][1].startswith('CID='),
+           'only the CID line changed: %r' % diff)
+    qemu_clean(t, 'img.vmdk')
+    t.qemu_io('img.vmdk', 'read -P 7 0 4k', fmt='vmdk')
+
+
 def write_desc(t, name, text):
     with open(t.path(name), 'w') as f:
         f.write(text)
@@ -510,6 +529,7 @@ suite.add('hostile', t_hostile)
 suite.add('create-options', t_create_help)
 suite.add('zeroed-grain', t_zeroed_grain)
 suite.add('fuzz', t_fuzz)
+suite.add('descriptor-byte-stable', t_descriptor_stable)
 
 if __name__ == '__main__':
     main(suite)
