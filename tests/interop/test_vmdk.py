@@ -421,6 +421,11 @@ def t_hostile(t):
     res = t.vdk('info', 'd.vmdk', timeout=20)
     expect_rc(res, 1, 'an extent that is a FIFO')
     expect('not a regular file' in res.err, 'FIFO refused', res)
+    # nor a FIFO named as the parent
+    write_desc(t, 'd.vmdk', (DESC % 'RW 2048 FLAT "f.raw" 0').replace('createType', 'parentFileNameHint="pipe"\ncreateType'))
+    res = t.vdk('info', 'd.vmdk', timeout=20)
+    expect_rc(res, 1, 'a parent that is a FIFO')
+    expect('not a regular file' in res.err, 'FIFO parent refused', res)
     # allowed explicitly
     write_desc(t, 'd.vmdk', DESC % ('RW 2048 FLAT "%s" 0' % t.path('f.raw')))
     res = t.vdk('info', '--image-opts', 'driver=vmdk,file.filename=d.vmdk,allow-extent-paths=on')
