@@ -229,6 +229,11 @@ bool vdk_create_opt_prealloc(const VdkCreateOptions *o, VdkPrealloc *out, GError
  * name or unnamed); for an existing block device, the device itself. */
 VdkFile *vdk_create_main_file(VdkCreateCtx *cc);
 const char *vdk_create_filename(VdkCreateCtx *cc);
+/* A further file of a multi-file image (vmdk extents): @name is a plain
+ * file name in the main file's directory.  It is built like the main file
+ * (unnamed or hidden until the create succeeds) and published just before
+ * it; a failed create leaves neither. */
+VdkFile *vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error);
 /* Measuring: bytes of @src's data, each @unit-sized unit holding data
  * counted whole once (qemu's rule: zero ranges and unallocated ones are
  * free, data ranges are rounded out to whole units). */
@@ -353,6 +358,7 @@ struct VdkFormat {
 
 extern const VdkFormat vdk_format_raw;
 extern const VdkFormat vdk_format_qcow2;
+extern const VdkFormat vdk_format_vmdk;
 extern const VdkFormat vdk_format_qcow;
 extern const VdkFormat vdk_format_vdi;
 

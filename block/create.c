@@ -29,12 +29,22 @@
 
 #include "block/block.h"
 
+typedef struct CreateExtra CreateExtra;
+
 struct VdkCreateCtx {
     const char *filename;
     char *dir;
     VdkFile *file;
     bool in_place;
     char *tmpname; /* named temporary (no O_TMPFILE), or NULL */
+    CreateExtra *extras; /* further files of a multi-file image (vmdk extents) */
+};
+
+/* A further file: built like the main one, published just before it. */
+struct CreateExtra {
+    VdkCreateCtx cc;   /* filename (owned), dir (shared), file, tmpname */
+    bool linked;       /* published under its final name */
+    CreateExtra *next;
 };
 
 VdkCreateOptions *
@@ -408,6 +418,80 @@ sync_dir(const char *dir)
     }
 }
 
+VdkFile *
+vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error)
+{
+    if (cc->in_place || !*name || strchr(name, '/') || !strcmp(name, ".") || !strcmp(name, "..")) {
+        g_set_error(error, VDK_ERROR, EINVAL, "cannot create the extra file '%s' here", name);
+        return NULL;
+    }
+    CreateExtra *x = g_new0(CreateExtra, 1);
+    x->cc.filename = g_build_filename(cc->dir, name, NULL);
+    x->cc.dir = cc->dir;
+    int fd = open_tmp(&x->cc, error);
+    if (fd < 0) {
+        g_free((char *)x->cc.filename);
+        g_free(x);
+        return NULL;
+    }
+    x->cc.file = vdk_file_new_from_fd(fd, x->cc.filename, false, VDK_CACHE_WRITEBACK, error);
+    if (!x->cc.file) {
+        close(fd);
+        if (x->cc.tmpname) {
+            unlink(x->cc.tmpname);
+            g_free(x->cc.tmpname);
+        }
+        g_free((char *)x->cc.filename);
+        g_free(x);
+        return NULL;
+    }
+    x->next = cc->extras;
+    cc->extras = x;
+    return x->cc.file;
+}
+
+/* Sync and publish the extra files; on failure the ones already published
+ * are removed again by the caller (extras_cleanup). */
+static bool
+extras_publish(VdkCreateCtx *cc, bool overwrite, GError **error)
+{
+    for (CreateExtra *x = cc->extras; x; x = x->next) {
+        if (fdatasync(x->cc.file->fd) < 0) {
+            g_set_error(error, VDK_ERROR, errno, "cannot sync '%s': %s", x->cc.filename, g_strerror(errno));
+            return false;
+        }
+        GError *err = NULL;
+        if (!publish(&x->cc, overwrite, &err)) {
+            g_set_error(error, VDK_ERROR, err->code, "%s: %s", x->cc.filename, err->message);
+            g_error_free(err);
+            return false;
+        }
+        x->linked = true;
+    }
+    return true;
+}
+
+static void
+extras_cleanup(VdkCreateCtx *cc, bool ok)
+{
+    CreateExtra *x = cc->extras;
+    while (x) {
+        CreateExtra *next = x->next;
+        if (!ok && x->linked) {
+            unlink(x->cc.filename);
+        }
+        if (x->cc.tmpname) {
+            unlink(x->cc.tmpname);
+            g_free(x->cc.tmpname);
+        }
+        vdk_file_close(x->cc.file);
+        g_free((char *)x->cc.filename);
+        g_free(x);
+        x = next;
+    }
+    cc->extras = NULL;
+}
+
 bool
 vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error)
 {
@@ -468,13 +552,14 @@ vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **er
         goto out;
     }
     if (!cc.in_place) {
-        if (!publish(&cc, o->overwrite, error)) {
+        if (!extras_publish(&cc, o->overwrite, error) || !publish(&cc, o->overwrite, error)) {
             goto out;
         }
         sync_dir(cc.dir);
     }
     ok = true;
 out:
+    extras_cleanup(&cc, ok);
     if (cc.tmpname) {
         unlink(cc.tmpname);
         g_free(cc.tmpname);

@@ -206,7 +206,9 @@ vdk_file_open(const char *filename, bool read_only, VdkCacheMode cache, GError *
     }
     int fd;
     do {
-        fd = open(filename, flags);
+        /* O_NONBLOCK: a FIFO named by an image (backing file, vmdk extent)
+         * must not block the open; it is refused just below */
+        fd = open(filename, flags | O_NONBLOCK);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0) {
         int e = errno;
@@ -223,6 +225,10 @@ vdk_file_open(const char *filename, bool read_only, VdkCacheMode cache, GError *
     if (!file_setup(f, cache, error)) {
         vdk_file_close(f);
         return NULL;
+    }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) {
+        (void)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
     }
     return f;
 }

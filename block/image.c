@@ -98,6 +98,7 @@ const VdkFormat *const vdk_formats[] = {
     &vdk_format_qcow2,
     &vdk_format_vdi,
     &vdk_format_qcow,
+    &vdk_format_vmdk,
     &vdk_format_raw,
 };
 const size_t vdk_formats_count = G_N_ELEMENTS(vdk_formats);

@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "formats/vmdk.h"
 #include "tools/tool.h"
 
 static const char convert_help[] =
@@ -380,7 +381,11 @@ out:
         vdk_image_close(dst, NULL);
     }
     if (ret != 0 && created) {
-        /* Do not leave a half-converted image under the target's name. */
+        /* Do not leave a half-converted image under the target's name
+         * (nor the extent files of a multi-file vmdk it created). */
+        if (!strcmp(out_fmt, "vmdk")) {
+            vdk_vmdk_remove_extents(dst_name);
+        }
         unlink(dst_name);
     }
     for (int i = 0; i < nsrc; i++) {
