@@ -2761,6 +2761,84 @@ vmdk_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     return ok;
 }
 
+/* Bytes of metadata create_sparse() lays out for an extent of @sectors. */
+static uint64_t
+sparse_overhead(uint64_t sectors)
+{
+    uint64_t grains = (sectors + 127) / 128;
+    uint64_t gt_count = (grains + 511) / 512;
+    uint64_t gd_sectors = vdk_align_up(gt_count * 4, 512) / 512;
+    uint64_t gd_offset = 21 + gd_sectors + 4 * gt_count;
+    return vdk_align_up(gd_offset + gd_sectors + 4 * gt_count, 128) * 512;
+}
+
+/*
+ * measure (qemu-img has none for vmdk): the layout vmdk_create makes, plus
+ * a 64 KiB grain for every grain of the source holding data (sparse
+ * subformats), or the whole disk (flat).  streamOptimized: an upper bound
+ * (every grain stored uncompressed with its marker sector).
+ */
+static bool
+vmdk_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error)
+{
+    const char *sub = vdk_create_opt(o, "subformat");
+    if (!sub) {
+        sub = "monolithicSparse";
+    }
+    bool known = false;
+    for (int i = 0; subformats[i]; i++) {
+        known |= !strcmp(subformats[i], sub);
+    }
+    if (!known) {
+        g_set_error(error, VDK_ERROR, EINVAL, "vmdk: unknown subformat '%s' (monolithicSparse, monolithicFlat, "
+                    "twoGbMaxExtentSparse, twoGbMaxExtentFlat or streamOptimized)", sub);
+        return false;
+    }
+    const uint64_t grain = 65536;
+    bool stream = !strcmp(sub, "streamOptimized");
+    bool two = !strncmp(sub, "twoGb", 5);
+    bool sparse = stream || !strcmp(sub, "monolithicSparse") || !strcmp(sub, "twoGbMaxExtentSparse");
+    size = vdk_align_up(size, 512);
+    uint64_t overhead = 0;
+    if (!sparse) {
+        overhead = 4096; /* the descriptor file */
+        m->fully_allocated = m->required = overhead + size;
+        return true;
+    }
+    uint64_t left = size;
+    do {
+        uint64_t len = two ? MIN(left, (uint64_t)VMDK_TWO_GB) : left;
+        uint64_t sectors = len / 512;
+        uint64_t ov = sparse_overhead(sectors);
+        if (ov / 512 + vdk_align_up(sectors, 128) > UINT32_MAX) {
+            g_set_error(error, VDK_ERROR, EINVAL, "vmdk: %" G_GUINT64_FORMAT " bytes is too large for a sparse extent",
+                        len);
+            return false;
+        }
+        overhead += ov;
+        left -= len;
+    } while (left > 0);
+    if (two) {
+        overhead += 4096; /* the descriptor file */
+    }
+    uint64_t used = 0;
+    if (src && !vdk_measure_allocated(src, grain, &used, error)) {
+        return false;
+    }
+    uint64_t all = vdk_align_up(size, grain);
+    if (stream) {
+        /* a marker sector per grain; grain tables, directory, footer, end */
+        uint64_t gts = (all / grain + 511) / 512;
+        overhead += gts * 2560 + 4 * 512;
+        m->fully_allocated = overhead + all + all / grain * 512;
+        m->required = overhead + used + used / grain * 512;
+    } else {
+        m->fully_allocated = overhead + all;
+        m->required = overhead + used;
+    }
+    return true;
+}
+
 static const VdkOptionDesc vmdk_create_opts[] = {
     {"size", VDK_OPT_SIZE, "Virtual disk size", NULL, false},
     {"adapter_type", VDK_OPT_STRING,
@@ -2799,6 +2877,7 @@ const VdkFormat vdk_format_vmdk = {
     .truncate = vmdk_truncate,
     .create = vmdk_create,
     .create_opts = vmdk_create_opts,
+    .measure = vmdk_measure,
     .open_opts = vmdk_open_opts,
     .info = vmdk_info,
     .check = vmdk_check,
