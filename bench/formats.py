@@ -3,8 +3,9 @@
 """vdi / vmdk benchmarks, vdk against qemu-img and fio on the same machine in
 the same run (alternating, medians of RUNS, ratios):
 
-  raw -> FMT conversion of a realistic 1 GiB image (random data, text-like
-  data, zero runs and holes), at equal durability:
+  raw -> FMT conversion of a realistic 1 GiB image (full blocks of random
+  and text-like data, blocks with a few small extents, zero blocks, holes),
+  each run from a dropped page cache, at equal durability:
       vdk convert -O FMT            vs  qemu-img convert -O FMT && sync
   4 KiB random reads, QD32, O_DIRECT, io_uring on a fully allocated FMT image
       vdk bench -f FMT              vs  fio on the raw file with the same data
@@ -20,6 +21,7 @@ import random
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -40,8 +42,9 @@ def run(cmd, **kw):
 
 
 def make_source(path, size):
-    """A disk-like image: 40% random data, 20% text-like data, 20% zero
-    blocks written as data, 20% holes, in 1 MiB pieces."""
+    """A disk-like image, 1 MiB at a time: 30% of the blocks full (random
+    or text-like data), 30% with a few small extents (4-64 KiB, like
+    scattered files and metadata), the rest holes or zero-filled."""
     rng = random.Random(1)
     words = b"the quick brown fox jumps over the lazy dog 0123456789 lorem ipsum\n"
     text = (words * (MiB // len(words) + 1))[:MiB]
@@ -49,15 +52,28 @@ def make_source(path, size):
         f.truncate(size)
         for off in range(0, size, MiB):
             k = rng.random()
-            if k < 0.4:
+            if k < 0.3:
                 f.seek(off)
-                f.write(os.urandom(MiB))
+                f.write(os.urandom(MiB) if rng.random() < 0.5 else text)
             elif k < 0.6:
-                f.seek(off)
-                f.write(text)
-            elif k < 0.8:
+                for _ in range(rng.randint(1, 4)):
+                    n = rng.randrange(4096, 65536, 4096)
+                    f.seek(off + rng.randrange(0, MiB - n, 4096))
+                    f.write(os.urandom(n))
+            elif k < 0.7:
                 f.seek(off)
                 f.write(bytes(MiB))
+
+
+def quiesce():
+    """No writeback of earlier runs in the way: sync, and drop the page
+    cache when allowed (root), so each run starts from the same state."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
 
 
 def timed(cmd):
@@ -73,11 +89,12 @@ def convert_pair(d, src, fmt, opts):
         for f in (out_v, out_q):
             if os.path.exists(f):
                 os.unlink(f)
-        run(["sync"])
+        quiesce()
         tv.append(timed([VDK, "convert", "-f", "raw", "-O", fmt] + opts + [src, out_v]))
-        run(["sync"])
+        quiesce()
         tq.append(timed(["sh", "-c", 'qemu-img convert -f raw -O %s %s "$0" "$1" && sync' % (fmt, " ".join(opts)),
                          src, out_q]))
+    print("  %s: vdk %s qemu %s" % (fmt, ["%.2f" % x for x in tv], ["%.2f" % x for x in tq]), file=sys.stderr)
     cmp = subprocess.run(["qemu-img", "compare", "-f", fmt, "-F", fmt, out_v, out_q], stdout=subprocess.PIPE)
     if cmp.returncode != 0:
         raise SystemExit("vdk and qemu-img conversions differ (%s)" % fmt)
