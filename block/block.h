@@ -295,8 +295,9 @@ struct VdkFormat {
      * write_compressed: plan a compressed write of the cluster at @offset,
      * whose bytes the driver copies from @r (vdk_req_copy_out) and
      * compresses.  Returns 0 with an ALLOC extent whose payload is the
-     * compressed data, VDK_NOT_COMPRESSIBLE (the block layer writes it
-     * normally), VDK_WAIT, or -errno.  NULL: -ENOTSUP.
+     * compressed data, VDK_NOT_COMPRESSIBLE with ext->len = the unit it
+     * looked at (the block layer writes that much normally and tries the
+     * next unit again), VDK_WAIT, or -errno.  NULL: -ENOTSUP.
      */
     int (*write_compressed)(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext);
     /* COMPRESSED extents: decompress @in into exactly @out_len bytes. */
@@ -627,6 +628,8 @@ typedef struct VdkCopyParams {
     bool target_is_zero;  /* zero ranges need not be written */
     uint64_t rate_limit;  /* bytes per second, 0 = unlimited */
     bool flush;           /* flush the target at the end */
+    uint64_t compress_unit; /* -c: write whole units of this size (the target's
+                             * cluster size) compressed; 0 = no compression */
     /* Called as bytes complete; returning false cancels the copy
      * (-ECANCELED). */
     bool (*progress)(void *opaque, uint64_t done, uint64_t total);

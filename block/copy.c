@@ -143,6 +143,20 @@ copy_start_one(Copy *c, unsigned idx)
         }
         uint64_t avail = c->bs.offset + c->bs.length - c->cur_off;
         bool is_zero = (c->bs.flags & VDK_BS_ZERO) && !(c->bs.flags & VDK_BS_DATA);
+        uint64_t unit = p->compress_unit;
+        if (unit && p->nsrc == 1) {
+            /* compressing: whole units from unit boundaries (cur_off stays
+             * aligned); a unit with any data is read whole (its holes read
+             * as zeroes) */
+            uint64_t bs_end = c->bs.offset + c->bs.length;
+            if (is_zero && vdk_align_down(bs_end, unit) > c->cur_off) {
+                avail = vdk_align_down(bs_end, unit) - c->cur_off;
+            } else {
+                avail = MIN(vdk_align_up(bs_end, unit), vdk_align_up(ssize, unit)) - c->cur_off;
+                avail = MIN(avail, ssize - c->cur_off);
+                is_zero = false;
+            }
+        }
         /* sparse_size 0 asks for a fully allocated target: zero ranges are
          * written (allocating) even into a target that reads as zero. */
         if (is_zero && p->target_is_zero && p->sparse_size) {
@@ -199,8 +213,8 @@ copy_issue_writes(Copy *c, unsigned idx)
     }
 
     /* Cut the chunk into data and zero runs on sparse_size granules
-     * aligned to the target offset. */
-    uint64_t g = p->sparse_size;
+     * aligned to the target offset (whole compression units with -c). */
+    uint64_t g = p->compress_unit ? p->compress_unit : p->sparse_size;
     struct { uint64_t off, len; bool zero; } runs[COPY_MAX_RUNS];
     unsigned nruns = 0;
     if (g == 0) {
@@ -240,7 +254,7 @@ copy_issue_writes(Copy *c, unsigned idx)
             r = vdk_queue_write_zeroes(c->dq, s->dst_off + runs[i].off, runs[i].len, zflags, ud(idx, UD_ZERO));
         } else {
             r = vdk_queue_write(c->dq, s->dst_off + runs[i].off, (char *)s->buf + runs[i].off,
-                                (size_t)runs[i].len, 0, ud(idx, UD_WRITE));
+                                (size_t)runs[i].len, p->compress_unit ? VDK_REQ_COMPRESS : 0, ud(idx, UD_WRITE));
         }
         if (r < 0) {
             copy_fail(c, r, s->dst_off + runs[i].off, "write");

@@ -685,13 +685,20 @@ request_step_rw(VdkRequest *r)
         VdkExtent ext;
         memset(&ext, 0, sizeof(ext));
         int ret = VDK_NOT_COMPRESSIBLE;
+        uint64_t limit = end - r->cursor;
         if (is_write && (r->flags & VDK_REQ_COMPRESS)) {
             ret = n->drv->write_compressed ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
                                            : -ENOTSUP;
+            if (ret == VDK_NOT_COMPRESSIBLE && ext.len) {
+                /* only this unit goes uncompressed; the next ones are
+                 * tried again */
+                limit = MIN(limit, ext.len);
+            }
         }
         if (ret == VDK_NOT_COMPRESSIBLE) {
             /* not compressing this part: a normal write */
-            ret = n->drv->map(n, r->cursor, end - r->cursor, is_write ? VDK_MAP_WRITE : 0, &ext, r);
+            memset(&ext, 0, sizeof(ext));
+            ret = n->drv->map(n, r->cursor, limit, is_write ? VDK_MAP_WRITE : 0, &ext, r);
         }
         if (ret == VDK_WAIT) {
             return VDK_WAIT;

@@ -223,8 +223,12 @@ cmd_convert(int argc, char **argv)
         tool_error(NULL, "--target-is-zero requires use of -n flag");
         goto out_args;
     }
-    if (compress) {
+    if (compress && strcmp(out_fmt ? out_fmt : "raw", "qcow2") != 0) {
         tool_error(NULL, "Compression not supported for this file format");
+        goto out_args;
+    }
+    if (compress && argc - optind - 1 > 1) {
+        tool_error(NULL, "-c with several source images is not supported yet");
         goto out_args;
     }
     if (chunk && sparse > chunk) {
@@ -334,6 +338,20 @@ cmd_convert(int argc, char **argv)
     if (!dst) {
         goto out;
     }
+    uint64_t compress_unit = 0;
+    if (compress) {
+        VdkInfo ci;
+        memset(&ci, 0, sizeof(ci));
+        if (dst->top->drv->info) {
+            dst->top->drv->info(dst->top, &ci);
+        }
+        compress_unit = ci.cluster_size;
+        vdk_info_clear(&ci);
+        if (!compress_unit || !dst->top->drv->write_compressed) {
+            tool_error(dst_name, "Compression not supported for this file format");
+            goto out;
+        }
+    }
 
     struct sigaction sa, old_int, old_term;
     memset(&sa, 0, sizeof(sa));
@@ -354,6 +372,7 @@ cmd_convert(int argc, char **argv)
         .target_is_zero = (created && !has_backing) || target_zero_flag,
         .rate_limit = rate,
         .flush = strcmp(cache, "unsafe") != 0,
+        .compress_unit = compress_unit,
         .progress = convert_progress,
         .opaque = &prog,
     };

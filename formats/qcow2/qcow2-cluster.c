@@ -742,6 +742,7 @@ qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len,
     g_free(in);
     if (clen <= 0) {
         g_free(out);
+        ext->len = unit; /* just this cluster is written uncompressed */
         return clen < 0 ? (int)clen : VDK_NOT_COMPRESSIBLE;
     }
     g_mutex_lock(&n->lock);

@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import struct
 
 from vdktest import KiB, MiB, Suite, expect, expect_eq, expect_rc, main
 from qcow2util import (CHAINS, CONFIG_BY_NAME, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, EXT_DATA_FILE,
@@ -620,7 +621,70 @@ def t_convert_fails_cleanly(t):
     expect(not os.path.exists(t.path('out.raw')), 'the failed convert left no target behind')
 
 
+def compressed_clusters(path):
+    """guest cluster index -> 'c' (compressed) or 'd' (data), from the L2 tables."""
+    with open(path, 'rb') as f:
+        h = f.read(104)
+        cb = struct.unpack_from('>I', h, 20)[0]
+        l1n = struct.unpack_from('>I', h, 36)[0]
+        l1o = struct.unpack_from('>Q', h, 40)[0]
+        cs = 1 << cb
+        n = cs // 8
+        f.seek(l1o)
+        l1 = struct.unpack('>%dQ' % l1n, f.read(8 * l1n))
+        res = {}
+        for i, e in enumerate(l1):
+            t = e & 0x00fffffffffffe00
+            if not t:
+                continue
+            f.seek(t)
+            for j, x in enumerate(struct.unpack('>%dQ' % n, f.read(cs))):
+                if x & (1 << 62):
+                    res[i * n + j] = 'c'
+                elif x & 0x00fffffffffffe00:
+                    res[i * n + j] = 'd'
+        return res
+
+
+def t_convert_compressed(t, opts):
+    """convert -c: the same clusters compressed as qemu-img convert -c (an
+    incompressible cluster does not stop compression of the ones after it),
+    qemu-img check clean, the same content."""
+    words = b'the quick brown fox jumps over the lazy dog 0123456789\n'
+    text = (words * (MiB // len(words) + 1))[:MiB]
+    rng = random.Random(7)
+    with open(t.path('src.raw'), 'wb') as f:
+        f.truncate(24 * MiB + 12345)
+        for k in range(24):
+            f.seek(k * MiB)
+            kind = rng.randrange(4)
+            if kind == 0:
+                f.write(rng.randbytes(MiB))  # incompressible
+            elif kind == 1:
+                f.write(text)
+            elif kind == 2:
+                f.seek(k * MiB + rng.randrange(0, MiB - 8192, 512))
+                f.write(os.urandom(rng.randrange(1, 8192)))
+        f.seek(24 * MiB)
+        f.write(text[:12345])
+    args = ['-O', 'qcow2'] + (['-o', opts] if opts else []) + ['src.raw']
+    expect_rc(t.vdk('convert', '-c', *args, 'v.qcow2'), 0, 'vdk convert -c')
+    expect_rc(t.qemu_img('convert', '-c', *args, 'q.qcow2'), 0, 'qemu-img convert -c')
+    qemu_check_clean(t, 'v.qcow2')
+    res = t.qemu_img('compare', 'v.qcow2', 'src.raw')
+    expect(res.rc == 0, 'vdk convert -c: same content', res)
+    cv, cq = compressed_clusters(t.path('v.qcow2')), compressed_clusters(t.path('q.qcow2'))
+    expect(sum(1 for v in cv.values() if v == 'c') > 0, 'some clusters are compressed')
+    diff = sorted(g for g in set(cv) | set(cq) if cv.get(g) != cq.get(g))
+    expect(not diff, 'the same clusters compressed/stored as qemu-img (first differences: %r)' %
+           [(g, cv.get(g), cq.get(g)) for g in diff[:5]])
+    res = t.vdk('convert', '-c', '-O', 'raw', 'src.raw', 'x.raw')
+    expect(res.rc == 1 and 'Compression not supported for this file format' in res.err, '-c to raw refused', res)
+
+
 suite.add('qcow2-convert/bad-l1-entry-fails-cleanly', t_convert_fails_cleanly)
+for opts in ('', 'cluster_size=4096', 'compression_type=zstd,cluster_size=16384', 'compat=0.10,cluster_size=2M'):
+    suite.add('qcow2-convert/compressed/%s' % (opts or 'default'), t_convert_compressed, opts)
 
 suite.add('qcow2-resize/grow-512-L1-grows', t_resize_grow, 'cluster_size=512', 16 * MiB, 64 * MiB)
 suite.add('qcow2-resize/grow-64k', t_resize_grow, 'cluster_size=65536', 16 * MiB, 48 * MiB + 12345 * 512)
