@@ -722,6 +722,51 @@ alloc_bytes(Qcow2 *s, uint64_t len, VdkRequest *r, int *ret)
     return off;
 }
 
+void
+qcow2_comp_job_free(Qcow2CompJob *job)
+{
+    g_free(job->in);
+    g_free(job->out);
+    g_free(job);
+}
+
+void
+qcow2_comp_run(Qcow2CompJob *job)
+{
+    Qcow2 *s = job->s;
+    job->out = g_malloc(s->cluster_size);
+    job->clen = qcow2_compress(s, job->in, s->cluster_size, job->out, s->cluster_size - 1);
+    g_free(job->in);
+    job->in = NULL;
+    if (job->clen <= 0) {
+        g_free(job->out);
+        job->out = NULL;
+    }
+}
+
+static void
+comp_worker(gpointer data, gpointer user)
+{
+    (void)user;
+    Qcow2CompJob *job = data;
+    VdkRequest *r = job->r;
+    qcow2_comp_run(job);
+    vdk_request_resume(r, NULL); /* continues on its queue's thread */
+}
+
+bool
+qcow2_comp_submit(Qcow2 *s, Qcow2CompJob *job)
+{
+    g_mutex_lock(&s->node->lock);
+    if (!s->comp_pool) {
+        int threads = MAX(1, MIN((int)g_get_num_processors(), QCOW2_MAX_COMP_THREADS));
+        s->comp_pool = g_thread_pool_new(comp_worker, NULL, threads, FALSE, NULL);
+    }
+    GThreadPool *pool = s->comp_pool;
+    g_mutex_unlock(&s->node->lock);
+    return pool && g_thread_pool_push(pool, job, NULL);
+}
+
 int
 qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext)
 {
@@ -734,14 +779,33 @@ qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len,
     if (len < unit) {
         return -EINVAL;
     }
-    /* compress outside the lock (pure CPU work) */
-    uint8_t *in = g_malloc0(cs);
-    vdk_req_copy_out(r, offset, in, unit);
-    uint8_t *out = g_malloc(cs);
-    ssize_t clen = qcow2_compress(s, in, cs, out, cs - 1);
-    g_free(in);
+    /* Compression runs on a worker pool (one thread per core): the
+     * request parks while its cluster is compressed, so the clusters of
+     * many requests in flight compress in parallel; the result is kept on
+     * the request until the cluster is allocated. */
+    Qcow2CompJob *job = r->driver_data;
+    if (!job || job->offset != offset) {
+        if (job) {
+            qcow2_comp_job_free(job);
+        }
+        job = g_new0(Qcow2CompJob, 1);
+        job->s = s;
+        job->r = r;
+        job->offset = offset;
+        job->in = g_malloc0(cs);
+        vdk_req_copy_out(r, offset, job->in, unit);
+        r->driver_data = job;
+        if (qcow2_comp_submit(s, job)) {
+            return VDK_WAIT;
+        }
+        /* no pool: compress here */
+        qcow2_comp_run(job);
+    }
+    ssize_t clen = job->clen;
+    uint8_t *out = job->out;
     if (clen <= 0) {
-        g_free(out);
+        r->driver_data = NULL;
+        qcow2_comp_job_free(job);
         ext->len = unit; /* just this cluster is written uncompressed */
         return clen < 0 ? (int)clen : VDK_NOT_COMPRESSIBLE;
     }
@@ -778,7 +842,10 @@ qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len,
     a->compressed = true;
     a->comp_entry = QCOW2_OFLAG_COMPRESSED | (sectors << s->csize_shift) | host;
     a->payload = out;
-    out = NULL;
+    job->out = NULL; /* the payload belongs to the allocation now */
+    r->driver_data = NULL;
+    qcow2_comp_job_free(job);
+    job = NULL;
     a->base.payload = a->payload;
     a->base.payload_len = (size_t)clen;
     a->base.guest_start = offset;
@@ -806,7 +873,11 @@ out:;
         ret = VDK_WAIT;
     }
     g_mutex_unlock(&n->lock);
-    g_free(out);
+    if (job && ret != VDK_WAIT) {
+        /* failed: nothing comes back for this cluster */
+        r->driver_data = NULL;
+        qcow2_comp_job_free(job);
+    }
     if (evict) {
         qcow2_writeback_async(s, r->q);
     }

@@ -717,6 +717,9 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
 static void
 qcow2_free_state(Qcow2 *s)
 {
+    if (s->comp_pool) {
+        g_thread_pool_free(s->comp_pool, FALSE, TRUE); /* idle: nothing in flight */
+    }
     vdk_mc_free(s->l2c);
     vdk_mc_free(s->rc);
     if (s->refblocks) {

@@ -81,6 +81,19 @@ typedef struct Qcow2Snapshot {
 
 typedef struct Qcow2Alloc Qcow2Alloc;
 
+/* Compression of one cluster for a compressed write, run on the pool. */
+typedef struct Qcow2 Qcow2;
+typedef struct {
+    Qcow2 *s;
+    VdkRequest *r;
+    uint64_t offset; /* guest offset of the cluster */
+    uint8_t *in;     /* the cluster's bytes (freed once compressed) */
+    uint8_t *out;    /* compressed bytes, or NULL */
+    ssize_t clen;    /* their length; 0: does not compress; <0: -errno */
+} Qcow2CompJob;
+/* Compression threads per image (at most; one per core up to this). */
+#define QCOW2_MAX_COMP_THREADS 64
+
 /* Reference-count changes that wait until the metadata that dropped the
  * references is durable (freeing in reverse order of allocation). */
 typedef struct {
@@ -88,7 +101,7 @@ typedef struct {
     uint32_t count;  /* clusters */
 } Qcow2Free;
 
-typedef struct Qcow2 {
+struct Qcow2 {
     VdkNode *node;
     VdkFile *file;
 
@@ -148,6 +161,7 @@ typedef struct Qcow2 {
     uint64_t comp_cluster;    /* cluster holding packed compressed data, or 0 */
     uint64_t comp_used;       /* bytes used in it */
     Qcow2Alloc *allocs;       /* allocating writes in flight */
+    GThreadPool *comp_pool;   /* compressed writes: compression workers (lazy) */
     GArray *frees;            /* Qcow2Free, applied after the next durable flush */
 
     /* state */
@@ -156,7 +170,7 @@ typedef struct Qcow2 {
     int meta_prealloc;        /* block status: -1 not checked yet, 0 no, 1 yes */
     bool wb_running;
     VdkRequest *wb_waiters;
-} Qcow2;
+};
 
 struct Qcow2Alloc {
     VdkAlloc base;
@@ -264,6 +278,9 @@ int qcow2_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext
 int qcow2_discard(VdkNode *n, VdkRequest *r);
 int qcow2_write_zeroes(VdkNode *n, VdkRequest *r);
 int qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext);
+void qcow2_comp_job_free(Qcow2CompJob *job);
+void qcow2_comp_run(Qcow2CompJob *job);
+bool qcow2_comp_submit(Qcow2 *s, Qcow2CompJob *job);
 /* Read an L2 entry pair (entry, bitmap) from a slice buffer. */
 static inline uint64_t
 qcow2_l2_get(const Qcow2 *s, const void *slice, uint64_t i, uint64_t *bitmap)
