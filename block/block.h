@@ -355,6 +355,10 @@ struct VdkFormat {
     /* qemu-img amend -o KEY=VALUE... (@kv: key -> value).  Blocking; no
      * I/O in flight.  NULL: the format cannot amend. */
     bool (*amend)(VdkNode *n, GHashTable *kv, GError **error);
+    /* Move clusters into holes and cut the file (vdk compact); the file
+     * sizes before and after.  Blocking; no I/O in flight.  NULL: not
+     * supported. */
+    bool (*compact)(VdkNode *n, uint64_t *before, uint64_t *after, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;

@@ -620,3 +620,18 @@ vdk_image_amend(VdkImage *img, const char *const *kv, GError **error)
     g_hash_table_unref(h);
     return ok;
 }
+
+bool
+vdk_image_compact(VdkImage *img, uint64_t *before, uint64_t *after, GError **error)
+{
+    VdkNode *n = img->top;
+    if (!n->drv->compact) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: this format cannot be compacted", n->drv->name);
+        return false;
+    }
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    return n->drv->compact(n, before, after, error);
+}

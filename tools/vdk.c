@@ -19,6 +19,7 @@ static const ToolCommand commands[] = {
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
     {"check", cmd_check, "check an image for consistency"},
     {"commit", cmd_commit, "write an overlay's changes into its backing file"},
+    {"compact", cmd_compact, "give back the space of freed clusters, in place"},
     {"compare", cmd_compare, "compare the guest-visible content of two images"},
     {"convert", cmd_convert, "copy an image into another file and format"},
     {"create", cmd_create, "create a new image"},

@@ -1031,4 +1031,5 @@ const VdkFormat vdk_format_qcow2 = {
     .snapshot_list = qcow2_snapshot_list,
     .change_backing = qcow2_change_backing,
     .amend = qcow2_amend,
+    .compact = qcow2_compact,
 };

@@ -330,6 +330,8 @@ uint64_t *qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **err
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
 /* New refcount structure with entries of 2^@order bits (amend). */
 bool qcow2_change_refcount_width(Qcow2 *s, uint32_t order, GError **error);
+/* qcow2-compact.c */
+bool qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error);
 /* qcow2-amend.c */
 bool qcow2_amend(VdkNode *n, GHashTable *kv, GError **error);
 /* Rebuild refcounts from the L1/L2 tables (lazy-refcount repair). */

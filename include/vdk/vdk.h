@@ -441,6 +441,15 @@ VDK_API bool vdk_image_allocate(VdkImage *img, VdkPrealloc mode,
                                 bool (*progress)(void *opaque, uint64_t done, uint64_t total), void *opaque,
                                 GError **error);
 
+/**
+ * vdk_image_compact: move the clusters at the end of the file into the
+ * holes freed clusters left, then cut the file (qcow2), in place and
+ * crash-safe; the guest view does not change.  *@before and *@after get
+ * the file sizes.  Blocking; no I/O in flight.  ENOTSUP for formats (and
+ * images, e.g. with internal snapshots) it cannot compact.
+ */
+VDK_API bool vdk_image_compact(VdkImage *img, uint64_t *before, uint64_t *after, GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
