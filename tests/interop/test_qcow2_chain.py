@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 
-from vdktest import KiB, MiB, Suite, expect, expect_eq, expect_rc, main
+from vdktest import VDK, KiB, MiB, Skip, Suite, expect, expect_eq, expect_rc, main
 
 suite = Suite('qcow2-chain')
 
@@ -133,6 +133,41 @@ def t_rebase_relative(t):
     clean(t, 'sub/top.qcow2')
 
 
+def t_commit_crash(t):
+    """commit killed at many of its writes: what the top image shows never
+    changes (the base gets the data before the top is emptied), every image
+    stays consistent (leaks at most), and committing again finishes."""
+    strace = shutil.which('strace')
+    if not strace:
+        raise Skip('strace not installed')
+    build_chain(t, 'ref')
+    before = raw_of(t, 'ref/top.qcow2')
+    trace = [strace, '-f', '-qq', '-e', 'trace=pwrite64,pwritev,pwritev2']
+    res = t.run(trace[:2] + ['-c', '-o', t.path('count.txt')] + trace[2:] + [VDK, 'commit', '--aio=threads',
+                                                                              'top.qcow2'], cwd=t.path('ref'))
+    writes = 0
+    with open(t.path('count.txt')) as f:
+        for line in f:
+            p = line.split()
+            if p and p[-1] in ('pwrite64', 'pwritev', 'pwritev2') and p[3].isdigit():
+                writes += int(p[3])
+    expect(writes > 5, 'a commit writes (%d writes)' % writes)
+    for n in sorted(set(range(1, 30)) | set(range(30, writes + 1, max(1, writes // 40)))):
+        shutil.rmtree(t.path('c'), ignore_errors=True)
+        build_chain(t, 'c')
+        t.run(trace[:2] + ['-o', '/dev/null'] + trace[2:] +
+              ['-e', 'inject=pwrite64,pwritev,pwritev2:signal=KILL:when=%d' % n, VDK, 'commit', '--aio=threads',
+               'top.qcow2'], cwd=t.path('c'), timeout=60)
+        what = 'commit killed at write %d of %d' % (n, writes)
+        for img in ('top.qcow2', 'mid.qcow2'):
+            chk = t.qemu_img('check', 'c/' + img)
+            expect(chk.rc in (0, 3), '%s: %s has no corruption (exit %d)' % (what, img, chk.rc), chk)
+        expect(raw_of(t, 'c/top.qcow2') == before, '%s: the top shows the same content' % what)
+        if n % 4 == 0:
+            expect_rc(t.vdk('commit', 'top.qcow2', cwd=t.path('c')), 0, what + ': commit again')
+            expect(raw_of(t, 'c/mid.qcow2') == before, what + ': the backing file holds the content')
+
+
 def t_errors(t):
     setup = lambda t, d: build_chain(t, d)
     both(t, setup, ['commit', '-b', 'nosuch.qcow2', 'top.qcow2'], rc=1)
@@ -155,6 +190,7 @@ suite.add('chain/rebase/safe-onto-base', t_rebase, 'base.qcow2', [])
 suite.add('chain/rebase/flatten', t_rebase, '', [])
 suite.add('chain/rebase/unsafe', t_rebase, 'base.qcow2', ['-u'])
 suite.add('chain/rebase/relative-and-long-names', t_rebase_relative)
+suite.add('chain/commit/killed-at-many-writes', t_commit_crash)
 suite.add('chain/errors', t_errors)
 
 if __name__ == '__main__':
