@@ -28,14 +28,6 @@ static const char allocate_help[] =
     "Ranges the image does not map at all (qcow2 clusters never written) are\n"
     "written with zeroes in both modes.  Images with a backing file are refused.\n";
 
-static bool
-allocate_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    (void)total;
-    progress_update(opaque, done);
-    return true;
-}
-
 enum { OPT_MODE = 256, OPT_PROGRESS };
 
 int
@@ -98,7 +90,7 @@ cmd_allocate(int argc, char **argv)
     Progress prog;
     progress_init(&prog, pmode, vdk_image_get_size(img));
     GError *err = NULL;
-    bool ok = vdk_image_allocate(img, mode, allocate_progress, &prog, &err);
+    bool ok = vdk_image_allocate(img, mode, tool_progress_cb, &prog, &err);
     progress_finish(&prog);
     int ret = 0;
     if (!ok) {

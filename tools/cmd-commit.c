@@ -26,14 +26,6 @@ static const char commit_help[] =
     "  -p              progress bar; --progress=json for one JSON object per line\n"
     "  -q              quiet\n";
 
-static bool
-commit_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    (void)total;
-    progress_update(opaque, done);
-    return true;
-}
-
 enum { OPT_PROGRESS = 256, OPT_AIO };
 
 int
@@ -110,7 +102,7 @@ cmd_commit(int argc, char **argv)
     Progress prog;
     progress_init(&prog, pmode, vdk_image_get_size(img));
     GError *err = NULL;
-    bool ok = vdk_image_commit(img, base, keep, commit_progress, &prog, &err);
+    bool ok = vdk_image_commit(img, base, keep, tool_progress_cb, &prog, &err);
     progress_finish(&prog);
     int ret = 0;
     if (!ok) {

@@ -27,14 +27,6 @@ static const char rebase_help[] =
     "  -p              progress bar; --progress=json for one JSON object per line\n"
     "  -q              quiet\n";
 
-static bool
-rebase_progress(void *opaque, uint64_t done, uint64_t total)
-{
-    (void)total;
-    progress_update(opaque, done);
-    return true;
-}
-
 enum { OPT_PROGRESS = 256, OPT_AIO };
 
 int
@@ -124,7 +116,7 @@ cmd_rebase(int argc, char **argv)
     Progress prog;
     progress_init(&prog, pmode, vdk_image_get_size(img));
     GError *err = NULL;
-    bool ok = vdk_image_rebase(img, backing, backing_fmt, unsafe, rebase_progress, &prog, &err);
+    bool ok = vdk_image_rebase(img, backing, backing_fmt, unsafe, tool_progress_cb, &prog, &err);
     progress_finish(&prog);
     int ret = 0;
     if (!ok) {

@@ -673,3 +673,11 @@ tool_print_snapshots(const VdkSnapshotInfo *l, int count)
         g_free(size);
     }
 }
+
+bool
+tool_progress_cb(void *opaque, uint64_t done, uint64_t total)
+{
+    (void)total;
+    progress_update(opaque, done);
+    return true;
+}

@@ -135,6 +135,8 @@ void progress_init(Progress *p, ProgressMode mode, uint64_t total);
 void progress_update(Progress *p, uint64_t done);
 void progress_finish(Progress *p);
 bool tool_parse_progress(const char *s, ProgressMode *out);
+/* A library progress callback that updates the Progress @opaque. */
+bool tool_progress_cb(void *opaque, uint64_t done, uint64_t total);
 
 /* Human sizes in qemu-io's style: "64 KiB", "1.500 MiB", "100 bytes". */
 char *tool_cvtstr(double value);

@@ -40,61 +40,6 @@ typedef struct {
     uint32_t l2_idx;
 } Owner;
 
-static int
-cflush(Qcow2 *s)
-{
-    VdkNode *n = s->node;
-    g_mutex_unlock(&n->lock);
-    int r = vdk_image_sync_request(n->img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_EVICT, NULL);
-    g_mutex_lock(&n->lock);
-    return r;
-}
-
-static int
-crefcount(Qcow2 *s, uint64_t off, int64_t delta)
-{
-    for (int tries = 0;; tries++) {
-        int r = qcow2_update_refcount(s, off, 1, delta, NULL);
-        if (r != -ENOBUFS || tries > 2) {
-            return r;
-        }
-        if ((r = cflush(s)) < 0) {
-            return r;
-        }
-    }
-}
-
-static int
-cget_refcount(Qcow2 *s, uint64_t off, uint64_t *rc)
-{
-    for (int tries = 0;; tries++) {
-        int r = qcow2_get_refcount(s, off, rc, NULL);
-        if (r != -ENOBUFS || tries > 2) {
-            return r;
-        }
-        if ((r = cflush(s)) < 0) {
-            return r;
-        }
-    }
-}
-
-static VdkMetaEntry *
-cslice(Qcow2 *s, uint64_t off, int *ret)
-{
-    for (int tries = 0;; tries++) {
-        *ret = 0;
-        VdkMetaEntry *e = vdk_mc_get(s->l2c, off, NULL, ret);
-        if (e || *ret != -ENOBUFS || tries > 2) {
-            return e;
-        }
-        int r = cflush(s);
-        if (r < 0) {
-            *ret = r;
-            return NULL;
-        }
-    }
-}
-
 /* Who references each cluster of the active tree (once). */
 static int
 build_owners(Qcow2 *s, Owner *own, uint64_t nclusters)
@@ -119,7 +64,7 @@ build_owners(Qcow2 *s, Owner *own, uint64_t nclusters)
         }
         for (uint64_t so = 0; so < s->cluster_size; so += slice) {
             int r;
-            VdkMetaEntry *sl = cslice(s, t + so, &r);
+            VdkMetaEntry *sl = qcow2_ctl_slice(s, t + so, &r);
             if (!sl) {
                 return r ? r : -EIO;
             }
@@ -151,10 +96,10 @@ run_batch(Qcow2 *s, Move *mv, int count, void *buf)
     int r = 0;
     /* 1. the targets are taken */
     for (int i = 0; i < count && r == 0; i++) {
-        r = crefcount(s, mv[i].to << cb, 1);
+        r = qcow2_ctl_refcount(s, mv[i].to << cb, 1, 1);
     }
     if (r == 0) {
-        r = cflush(s);
+        r = qcow2_ctl_flush(s);
     }
     /* 2. contents copied and synced (tables from the cache: written back above) */
     for (int i = 0; i < count && r == 0; i++) {
@@ -192,7 +137,7 @@ run_batch(Qcow2 *s, Move *mv, int count, void *buf)
         }
         uint64_t t = s->l1[m->o.l1_idx] & QCOW2_OFFSET_MASK;
         uint64_t byte = (uint64_t)m->o.l2_idx * s->l2_entry_size;
-        VdkMetaEntry *sl = cslice(s, t + vdk_align_down(byte, slice), &r);
+        VdkMetaEntry *sl = qcow2_ctl_slice(s, t + vdk_align_down(byte, slice), &r);
         if (!sl) {
             r = r ? r : -EIO;
             break;
@@ -208,14 +153,14 @@ run_batch(Qcow2 *s, Move *mv, int count, void *buf)
         vdk_mc_mark_dirty(s->l2c, sl);
     }
     if (r == 0) {
-        r = cflush(s);
+        r = qcow2_ctl_flush(s);
     }
     /* 4. the sources are free */
     for (int i = 0; i < count && r == 0; i++) {
-        r = crefcount(s, mv[i].from << cb, -1);
+        r = qcow2_ctl_refcount(s, mv[i].from << cb, 1, -1);
     }
     if (r == 0) {
-        r = cflush(s);
+        r = qcow2_ctl_flush(s);
     }
     (void)n;
     return r;
@@ -239,7 +184,7 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
     }
     uint32_t cb = s->cluster_bits;
     g_mutex_lock(&n->lock);
-    int r = cflush(s);
+    int r = qcow2_ctl_flush(s);
     GError *err = NULL;
     if (r == 0 && !vdk_file_refresh_size(s->file, &err)) {
         r = -err->code;
@@ -267,7 +212,7 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
             /* the highest cluster in use */
             uint64_t rc = 0;
             while (hi > 1) {
-                r = cget_refcount(s, (hi - 1) << cb, &rc);
+                r = qcow2_ctl_get_refcount(s, (hi - 1) << cb, &rc);
                 if (r < 0 || rc) {
                     break;
                 }
@@ -286,7 +231,7 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
             /* the lowest free cluster below it */
             while (lo < h) {
                 uint64_t rl = 1;
-                r = cget_refcount(s, lo << cb, &rl);
+                r = qcow2_ctl_get_refcount(s, lo << cb, &rl);
                 if (r < 0 || rl == 0) {
                     break;
                 }
@@ -311,7 +256,7 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
     uint64_t end = nclusters;
     while (r == 0 && end > 1) {
         uint64_t rc = 0;
-        r = cget_refcount(s, (end - 1) << cb, &rc);
+        r = qcow2_ctl_get_refcount(s, (end - 1) << cb, &rc);
         if (r < 0 || rc) {
             break;
         }

@@ -35,9 +35,9 @@
 #define SN_EXTRA_LEN 24
 #define SN_MAX_NAME 65535
 
-/* Flush everything (lock held on entry and exit; dropped meanwhile). */
-static int
-sn_flush(Qcow2 *s)
+/* Control-path helpers (see qcow2.h). */
+int
+qcow2_ctl_flush(Qcow2 *s)
 {
     VdkNode *n = s->node;
     g_mutex_unlock(&n->lock);
@@ -46,38 +46,38 @@ sn_flush(Qcow2 *s)
     return r;
 }
 
-static int
-sn_refcount(Qcow2 *s, uint64_t off, uint64_t n, int64_t delta)
+int
+qcow2_ctl_refcount(Qcow2 *s, uint64_t off, uint64_t n, int64_t delta)
 {
     for (int tries = 0;; tries++) {
         int r = qcow2_update_refcount(s, off, n, delta, NULL);
         if (r != -ENOBUFS || tries > 2) {
             return r;
         }
-        r = sn_flush(s);
+        r = qcow2_ctl_flush(s);
         if (r < 0) {
             return r;
         }
     }
 }
 
-static int
-sn_get_refcount(Qcow2 *s, uint64_t off, uint64_t *rc)
+int
+qcow2_ctl_get_refcount(Qcow2 *s, uint64_t off, uint64_t *rc)
 {
     for (int tries = 0;; tries++) {
         int r = qcow2_get_refcount(s, off, rc, NULL);
         if (r != -ENOBUFS || tries > 2) {
             return r;
         }
-        r = sn_flush(s);
+        r = qcow2_ctl_flush(s);
         if (r < 0) {
             return r;
         }
     }
 }
 
-static VdkMetaEntry *
-sn_slice(Qcow2 *s, uint64_t off, int *ret)
+VdkMetaEntry *
+qcow2_ctl_slice(Qcow2 *s, uint64_t off, int *ret)
 {
     for (int tries = 0;; tries++) {
         *ret = 0;
@@ -85,7 +85,7 @@ sn_slice(Qcow2 *s, uint64_t off, int *ret)
         if (e || *ret != -ENOBUFS || tries > 2) {
             return e;
         }
-        int r = sn_flush(s);
+        int r = qcow2_ctl_flush(s);
         if (r < 0) {
             *ret = r;
             return NULL;
@@ -93,8 +93,8 @@ sn_slice(Qcow2 *s, uint64_t off, int *ret)
     }
 }
 
-static uint64_t
-sn_alloc(Qcow2 *s, uint64_t nclusters, int *ret)
+uint64_t
+qcow2_ctl_alloc(Qcow2 *s, uint64_t nclusters, int *ret)
 {
     for (int tries = 0;; tries++) {
         *ret = 0;
@@ -105,7 +105,7 @@ sn_alloc(Qcow2 *s, uint64_t nclusters, int *ret)
             }
             return off;
         }
-        int r = sn_flush(s);
+        int r = qcow2_ctl_flush(s);
         if (r < 0) {
             *ret = r;
             return 0;
@@ -133,14 +133,14 @@ run_apply(TreeOp *t)
     }
     uint64_t off = t->run_off, n = t->run_n;
     t->run_n = 0;
-    int r = sn_refcount(s, off, n, t->delta);
+    int r = qcow2_ctl_refcount(s, off, n, t->delta);
     if (r < 0 || t->delta >= 0 || !t->zeroed) {
         return r;
     }
     for (uint64_t i = 0; i < n; i++) {
         uint64_t c = off + (i << s->cluster_bits);
         uint64_t rc = 1;
-        r = sn_get_refcount(s, c, &rc);
+        r = qcow2_ctl_get_refcount(s, c, &rc);
         if (r < 0) {
             return r;
         }
@@ -202,7 +202,7 @@ tree_walk(TreeOp *t, const uint64_t *l1, uint64_t l1_size, const char *what)
             return r;
         }
         for (uint64_t so = 0; so < cs; so += slice) {
-            VdkMetaEntry *sl = sn_slice(s, table + so, &r);
+            VdkMetaEntry *sl = qcow2_ctl_slice(s, table + so, &r);
             if (!sl) {
                 return r ? r : -EIO;
             }
@@ -245,7 +245,7 @@ fix_copied(Qcow2 *s)
             continue;
         }
         uint64_t rc = 0;
-        int r = sn_get_refcount(s, table, &rc);
+        int r = qcow2_ctl_get_refcount(s, table, &rc);
         if (r < 0) {
             return r;
         }
@@ -256,7 +256,7 @@ fix_copied(Qcow2 *s)
             s->l1_dirty_hi = MAX(s->l1_dirty_hi, i + 1);
         }
         for (uint64_t so = 0; so < cs; so += slice) {
-            VdkMetaEntry *sl = sn_slice(s, table + so, &r);
+            VdkMetaEntry *sl = qcow2_ctl_slice(s, table + so, &r);
             if (!sl) {
                 return r ? r : -EIO;
             }
@@ -267,7 +267,7 @@ fix_copied(Qcow2 *s)
                 if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFFSET_MASK)) {
                     continue;
                 }
-                r = sn_get_refcount(s, e & QCOW2_OFFSET_MASK, &rc);
+                r = qcow2_ctl_get_refcount(s, e & QCOW2_OFFSET_MASK, &rc);
                 if (r < 0) {
                     break;
                 }
@@ -398,7 +398,7 @@ write_table(Qcow2 *s, Qcow2Snapshot *list, uint32_t count, GError **error)
     int r = 0;
     if (count) {
         uint64_t bytes = qcow2_align(s, len);
-        new_off = sn_alloc(s, bytes >> s->cluster_bits, &r);
+        new_off = qcow2_ctl_alloc(s, bytes >> s->cluster_bits, &r);
         if (!new_off) {
             list_free(list, count);
             g_set_error(error, VDK_ERROR, -r, "qcow2: cannot allocate the snapshot table: %s", g_strerror(-r));
@@ -415,7 +415,7 @@ write_table(Qcow2 *s, Qcow2Snapshot *list, uint32_t count, GError **error)
         r = vdk_file_pwrite_sync(s->file, buf, (size_t)bytes, new_off);
         free(buf);
         if (r == 0) {
-            r = sn_flush(s); /* the table and its refcounts are durable */
+            r = qcow2_ctl_flush(s); /* the table and its refcounts are durable */
         }
         if (r < 0) {
             list_free(list, count);
@@ -429,7 +429,7 @@ write_table(Qcow2 *s, Qcow2Snapshot *list, uint32_t count, GError **error)
     s->nb_snapshots = count;
     s->snapshots_offset = new_off;
     s->hdr_dirty = true;
-    r = sn_flush(s);
+    r = qcow2_ctl_flush(s);
     if (r < 0) {
         g_set_error(error, VDK_ERROR, -r, "qcow2: cannot write the header: %s", g_strerror(-r));
         return false;
@@ -532,7 +532,7 @@ qcow2_snapshot_create(VdkNode *n, const char *name, GError **error)
     }
     g_mutex_lock(&n->lock);
     bool ok = false;
-    int r = sn_flush(s);
+    int r = qcow2_ctl_flush(s);
     if (r < 0) {
         fail_errno(error, r, "flush before the snapshot failed");
         goto out;
@@ -542,7 +542,7 @@ qcow2_snapshot_create(VdkNode *n, const char *name, GError **error)
     uint64_t l1_clusters = qcow2_align(s, l1_bytes) >> s->cluster_bits;
     uint64_t sn_l1 = 0;
     if (l1_clusters) {
-        sn_l1 = sn_alloc(s, l1_clusters, &r);
+        sn_l1 = qcow2_ctl_alloc(s, l1_clusters, &r);
         if (!sn_l1) {
             fail_errno(error, r, "cannot allocate the snapshot's L1 table");
             goto out;
@@ -574,7 +574,7 @@ qcow2_snapshot_create(VdkNode *n, const char *name, GError **error)
         free(buf);
     }
     if (r == 0) {
-        r = sn_flush(s);
+        r = qcow2_ctl_flush(s);
     }
     if (r < 0) {
         fail_errno(error, r, "cannot write the snapshot's L1 table");
@@ -606,7 +606,7 @@ qcow2_snapshot_create(VdkNode *n, const char *name, GError **error)
         goto out;
     }
     s->comp_cluster = 0; /* start packing compressed data in a fresh cluster */
-    r = sn_flush(s);     /* frees the old table */
+    r = qcow2_ctl_flush(s);     /* frees the old table */
     if (r < 0) {
         fail_errno(error, r, "flush after the snapshot failed");
         goto out;
@@ -662,7 +662,7 @@ release_tree(Qcow2 *s, const uint64_t *l1, uint64_t l1_size, uint64_t l1_off, ui
         r = fix_copied(s);
     }
     if (r == 0) {
-        r = sn_flush(s);
+        r = qcow2_ctl_flush(s);
     }
     if (r == 0) {
         punch(s, zeroed);
@@ -693,7 +693,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
                     PRIu64, name, sn->l1_size, sn->disk_size);
         goto out;
     }
-    int r = sn_flush(s);
+    int r = qcow2_ctl_flush(s);
     if (r < 0) {
         fail_errno(error, r, "flush before applying the snapshot failed");
         goto out;
@@ -722,7 +722,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
     }
     uint64_t new_off = 0;
     if (new_clusters) {
-        new_off = sn_alloc(s, new_clusters, &r);
+        new_off = qcow2_ctl_alloc(s, new_clusters, &r);
         if (!new_off) {
             fail_errno(error, r, "cannot allocate the new L1 table");
             goto out;
@@ -740,7 +740,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
         free(buf);
     }
     if (r == 0) {
-        r = sn_flush(s);
+        r = qcow2_ctl_flush(s);
     }
     if (r < 0) {
         fail_errno(error, r, "cannot write the new L1 table");
@@ -761,7 +761,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
     s->hdr_dirty = true;
     s->comp_cluster = 0;
     s->meta_prealloc = -1;
-    r = sn_flush(s);
+    r = qcow2_ctl_flush(s);
     if (r < 0) {
         fail_errno(error, r, "cannot write the header");
         goto out;
@@ -797,7 +797,7 @@ qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error)
         g_set_error(error, VDK_ERROR, ENOENT, "snapshot '%s' not found", name);
         goto out;
     }
-    int r = sn_flush(s);
+    int r = qcow2_ctl_flush(s);
     if (r < 0) {
         fail_errno(error, r, "flush before deleting the snapshot failed");
         goto out;

@@ -318,6 +318,15 @@ bool qcow2_image_has_bitmaps(VdkImage *img);
 extern const VdkOptionDesc qcow2_create_opts[];
 
 /* qcow2-snapshot.c */
+/* Control-path helpers (snapshot, compact): called with the node lock held;
+ * when a metadata cache is full of dirty entries they drop the lock, flush
+ * (VDK_FLUSH_EVICT) and retry.  qcow2_ctl_flush() itself drops the lock
+ * around a full flush. */
+int qcow2_ctl_flush(Qcow2 *s);
+int qcow2_ctl_refcount(Qcow2 *s, uint64_t off, uint64_t n, int64_t delta);
+int qcow2_ctl_get_refcount(Qcow2 *s, uint64_t off, uint64_t *rc);
+VdkMetaEntry *qcow2_ctl_slice(Qcow2 *s, uint64_t off, int *ret);
+uint64_t qcow2_ctl_alloc(Qcow2 *s, uint64_t nclusters, int *ret);
 bool qcow2_snapshot_create(VdkNode *n, const char *name, GError **error);
 bool qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error);
 bool qcow2_snapshot_delete(VdkNode *n, const char *name, GError **error);
