@@ -1089,6 +1089,24 @@ map_locked(Vmdk *s, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ex
 
 static void vmdk_writeback_async(Vmdk *s, VdkQueue *q);
 
+/* A new content id in the descriptor (first write after open; lock held). */
+static void
+vmdk_new_cid(Vmdk *s)
+{
+    s->cid_updated = true;
+    uint32_t cid;
+    do {
+        cid = g_random_int();
+    } while (cid == s->desc.cid || cid == 0xffffffffu);
+    s->desc.cid = cid;
+    char v[16];
+    g_snprintf(v, sizeof(v), "%08x", cid);
+    char *t = vdk_vmdk_desc_set_key(s->desc_text, "CID", v);
+    g_free(s->desc_text);
+    s->desc_text = t;
+    s->desc_dirty = true;
+}
+
 static int
 vmdk_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r)
 {
@@ -1103,19 +1121,7 @@ vmdk_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *e
     }
     if (ret == 0 && (flags & VDK_MAP_WRITE) && !s->cid_updated && !s->stream_write && s->desc_text &&
         s->desc.has_cid) {
-        /* the first write gives the image a new content id */
-        s->cid_updated = true;
-        uint32_t cid;
-        do {
-            cid = g_random_int();
-        } while (cid == s->desc.cid || cid == 0xffffffffu);
-        s->desc.cid = cid;
-        char v[16];
-        g_snprintf(v, sizeof(v), "%08x", cid);
-        char *t = vdk_vmdk_desc_set_key(s->desc_text, "CID", v);
-        g_free(s->desc_text);
-        s->desc_text = t;
-        s->desc_dirty = true;
+        vmdk_new_cid(s); /* the first write gives the image a new content id */
     }
     g_mutex_unlock(&n->lock);
     if (evict) {
@@ -1313,18 +1319,7 @@ vmdk_write_zeroes(VdkNode *n, VdkRequest *r)
             ret = VDK_WAIT;
         }
         if (ret == 0 && !s->cid_updated && s->desc.has_cid) {
-            s->cid_updated = true;
-            uint32_t cid;
-            do {
-                cid = g_random_int();
-            } while (cid == s->desc.cid || cid == 0xffffffffu);
-            s->desc.cid = cid;
-            char v[16];
-            g_snprintf(v, sizeof(v), "%08x", cid);
-            char *t = vdk_vmdk_desc_set_key(s->desc_text, "CID", v);
-            g_free(s->desc_text);
-            s->desc_text = t;
-            s->desc_dirty = true;
+            vmdk_new_cid(s);
         }
         g_mutex_unlock(&n->lock);
         if (flat_file) {

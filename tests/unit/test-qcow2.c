@@ -600,55 +600,6 @@ test_runtime_corruption(void)
 #define CRASH_SIZE (8u << 20)
 #define CRASH_OPS 400
 
-typedef struct {
-    uint64_t off, len;
-    uint8_t fill;
-} CrashOp;
-
-static void
-crash_plan(uint64_t seed, CrashOp *ops)
-{
-    for (int i = 0; i < CRASH_OPS; i++) {
-        ops[i].off = test_rand(&seed) % (CRASH_SIZE - 200000);
-        ops[i].len = 1 + test_rand(&seed) % 150000;
-        ops[i].fill = (uint8_t)(1 + i % 250);
-    }
-}
-
-/* The writer: ops in order, a flush every few ops; after each completed
- * flush it reports how many ops it covers on the pipe. */
-static void G_GNUC_NORETURN
-crash_writer(const char *path, const char *engine, uint64_t seed, int wfd)
-{
-    CrashOp ops[CRASH_OPS];
-    crash_plan(seed, ops);
-    VdkOpenOptions *o = vdk_open_options_new();
-    vdk_open_options_set_format(o, "qcow2");
-    vdk_open_options_set_engine(o, engine, NULL);
-    GError *err = NULL;
-    VdkImage *img = vdk_image_open(path, o, &err);
-    if (!img) {
-        _exit(3);
-    }
-    uint8_t *buf = g_malloc(150001);
-    for (int i = 0; i < CRASH_OPS; i++) {
-        memset(buf, ops[i].fill, ops[i].len);
-        if (vdk_image_pwrite(img, buf, ops[i].len, ops[i].off, 0) < 0) {
-            _exit(4);
-        }
-        if (i % 7 == 6) {
-            if (vdk_image_flush(img) < 0) {
-                _exit(5);
-            }
-            int32_t done = i + 1;
-            if (write(wfd, &done, sizeof(done)) != sizeof(done)) {
-                _exit(6);
-            }
-        }
-    }
-    _exit(0);
-}
-
 static void
 test_crash(const TestVariant *v)
 {
@@ -657,52 +608,14 @@ test_crash(const TestVariant *v)
         uint64_t seed = 1000 + (uint64_t)iter;
         create_qcow2(path, CRASH_SIZE, iter % 3 == 1 ? "lazy_refcounts=on" : iter % 3 == 2 ? "cluster_size=4096" : NULL,
                      NULL);
-        int p[2];
-        g_assert_cmpint(pipe(p), ==, 0);
-        pid_t pid = fork();
-        g_assert_cmpint(pid, >=, 0);
-        if (pid == 0) {
-            close(p[0]);
-            crash_writer(path, v->engine, seed, p[1]);
-        }
-        close(p[1]);
-        /* let it run a random while, then kill it */
-        struct timespec ts = {0, (long)(2 + iter * 7 % 40) * 1000000L};
-        nanosleep(&ts, NULL);
-        kill(pid, SIGKILL);
-        int status;
-        waitpid(pid, &status, 0);
-        int32_t flushed = 0, x;
-        while (read(p[0], &x, sizeof(x)) == sizeof(x)) {
-            flushed = x;
-        }
-        close(p[0]);
-
-        /* What must be there: ops before the last completed flush, except
-         * bytes that later ops (which may or may not have landed) touch. */
-        CrashOp ops[CRASH_OPS];
-        crash_plan(seed, ops);
-        uint8_t *model = g_malloc0(CRASH_SIZE);
-        uint8_t *unknown = g_malloc0(CRASH_SIZE);
-        for (int i = 0; i < flushed; i++) {
-            memset(model + ops[i].off, ops[i].fill, ops[i].len);
-        }
-        for (int i = flushed; i < CRASH_OPS; i++) {
-            memset(unknown + ops[i].off, 1, ops[i].len);
-        }
+        TestCrash c;
+        test_crash_run(&c, path, "qcow2", v->engine, CRASH_SIZE, CRASH_OPS, seed, 2 + iter * 7 % 40);
         /* reopening read-write repairs a dirty lazy-refcount image */
         VdkImage *img = open_with(path, NULL, false, NULL);
         vdk_image_close(img, NULL);
         img = open_with(path, NULL, true, NULL);
         check_image(img, true); /* a crash may leak clusters, never more */
-        uint8_t *buf = g_malloc(CRASH_SIZE);
-        g_assert_cmpint(vdk_image_pread(img, buf, CRASH_SIZE, 0), ==, 0);
-        for (uint64_t i = 0; i < CRASH_SIZE; i++) {
-            if (!unknown[i] && buf[i] != model[i]) {
-                g_error("iteration %d (killed after %d flushed ops): byte %" G_GUINT64_FORMAT " is 0x%02x, expected 0x%02x",
-                        iter, flushed, i, buf[i], model[i]);
-            }
-        }
+        uint8_t *buf = test_crash_verify(&c, img, iter);
         vdk_image_close(img, NULL);
         char *qemu_img = g_find_program_in_path("qemu-img");
         if (qemu_img) {
@@ -715,8 +628,7 @@ test_crash(const TestVariant *v)
             }
         }
         g_free(buf);
-        g_free(model);
-        g_free(unknown);
+        test_crash_clear(&c);
     }
     g_free(path);
 }

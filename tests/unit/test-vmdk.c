@@ -623,55 +623,6 @@ test_stream(void)
 #define CRASH_SIZE (8u << 20)
 #define CRASH_OPS 400
 
-typedef struct {
-    uint64_t off, len;
-    uint8_t fill;
-} CrashOp;
-
-static void
-crash_plan(uint64_t seed, CrashOp *ops)
-{
-    for (int i = 0; i < CRASH_OPS; i++) {
-        ops[i].off = test_rand(&seed) % (CRASH_SIZE - 200000);
-        ops[i].len = 1 + test_rand(&seed) % 150000;
-        ops[i].fill = (uint8_t)(1 + i % 250);
-    }
-}
-
-/* Writes in order, a flush every few; after each completed flush it
- * reports on the pipe how many writes the flush covers. */
-static void G_GNUC_NORETURN
-crash_writer(const char *path, const char *engine, uint64_t seed, int wfd)
-{
-    CrashOp ops[CRASH_OPS];
-    crash_plan(seed, ops);
-    VdkOpenOptions *o = vdk_open_options_new();
-    vdk_open_options_set_format(o, "vmdk");
-    vdk_open_options_set_engine(o, engine, NULL);
-    GError *err = NULL;
-    VdkImage *img = vdk_image_open(path, o, &err);
-    if (!img) {
-        _exit(3);
-    }
-    uint8_t *buf = g_malloc(150001);
-    for (int i = 0; i < CRASH_OPS; i++) {
-        memset(buf, ops[i].fill, ops[i].len);
-        if (vdk_image_pwrite(img, buf, ops[i].len, ops[i].off, 0) < 0) {
-            _exit(4);
-        }
-        if (i % 7 == 6) {
-            if (vdk_image_flush(img) < 0) {
-                _exit(5);
-            }
-            int32_t done = i + 1;
-            if (write(wfd, &done, sizeof(done)) != sizeof(done)) {
-                _exit(6);
-            }
-        }
-    }
-    _exit(0);
-}
-
 static void
 test_crash(const TestVariant *v)
 {
@@ -679,36 +630,8 @@ test_crash(const TestVariant *v)
     for (int iter = 0; iter < 12; iter++) {
         uint64_t seed = 2000 + (uint64_t)iter;
         create_vmdk(path, CRASH_SIZE, iter % 2 ? "zeroed_grain=on" : NULL);
-        int p[2];
-        g_assert_cmpint(pipe(p), ==, 0);
-        pid_t pid = fork();
-        g_assert_cmpint(pid, >=, 0);
-        if (pid == 0) {
-            close(p[0]);
-            crash_writer(path, v->engine, seed, p[1]);
-        }
-        close(p[1]);
-        struct timespec ts = {0, (long)(2 + iter * 7 % 40) * 1000000L};
-        nanosleep(&ts, NULL);
-        kill(pid, SIGKILL);
-        int status;
-        waitpid(pid, &status, 0);
-        int32_t flushed = 0, x;
-        while (read(p[0], &x, sizeof(x)) == sizeof(x)) {
-            flushed = x;
-        }
-        close(p[0]);
-        g_test_message("iteration %d: killed after %d flushed writes", iter, flushed);
-        CrashOp ops[CRASH_OPS];
-        crash_plan(seed, ops);
-        uint8_t *model = g_malloc0(CRASH_SIZE);
-        uint8_t *unknown = g_malloc0(CRASH_SIZE);
-        for (int i = 0; i < flushed; i++) {
-            memset(model + ops[i].off, ops[i].fill, ops[i].len);
-        }
-        for (int i = flushed; i < CRASH_OPS; i++) {
-            memset(unknown + ops[i].off, 1, ops[i].len);
-        }
+        TestCrash c;
+        test_crash_run(&c, path, "vmdk", v->engine, CRASH_SIZE, CRASH_OPS, seed, 2 + iter * 7 % 40);
         VdkImage *img = test_open(path, "vmdk", NULL, true);
         /* a crash may leak grains, never more */
         VdkCheckResult res = {0};
@@ -720,14 +643,7 @@ test_crash(const TestVariant *v)
                     res.messages->len ? (char *)res.messages->pdata[0] : "");
         }
         g_ptr_array_unref(res.messages);
-        uint8_t *buf = g_malloc(CRASH_SIZE);
-        g_assert_cmpint(vdk_image_pread(img, buf, CRASH_SIZE, 0), ==, 0);
-        for (uint64_t i = 0; i < CRASH_SIZE; i++) {
-            if (!unknown[i] && buf[i] != model[i]) {
-                g_error("iteration %d (killed after %d flushed ops): byte %" G_GUINT64_FORMAT " is 0x%02x, expected 0x%02x",
-                        iter, flushed, i, buf[i], model[i]);
-            }
-        }
+        uint8_t *buf = test_crash_verify(&c, img, iter);
         vdk_image_close(img, NULL);
         char *qemu_img = g_find_program_in_path("qemu-img");
         if (qemu_img) {
@@ -740,8 +656,7 @@ test_crash(const TestVariant *v)
             }
         }
         g_free(buf);
-        g_free(model);
-        g_free(unknown);
+        test_crash_clear(&c);
     }
     g_free(path);
 }

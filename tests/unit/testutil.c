@@ -6,9 +6,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "io/io.h"
@@ -200,4 +203,119 @@ test_sh(const char *cmd)
         return -1;
     }
     return WEXITSTATUS(r);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Crash harness                                                             */
+/* ------------------------------------------------------------------------ */
+
+#define CRASH_MAX_LEN 150000
+
+typedef struct {
+    uint64_t off, len;
+    uint8_t fill;
+} CrashOp;
+
+static CrashOp *
+crash_plan(uint64_t seed, uint64_t size, int nops)
+{
+    CrashOp *ops = g_new(CrashOp, nops);
+    for (int i = 0; i < nops; i++) {
+        ops[i].off = test_rand(&seed) % (size - 200000);
+        ops[i].len = 1 + test_rand(&seed) % CRASH_MAX_LEN;
+        ops[i].fill = (uint8_t)(1 + i % 250);
+    }
+    return ops;
+}
+
+static void G_GNUC_NORETURN
+crash_writer(const char *path, const char *format, const char *engine, uint64_t size, int nops, uint64_t seed,
+             int wfd)
+{
+    CrashOp *ops = crash_plan(seed, size, nops);
+    VdkOpenOptions *o = vdk_open_options_new();
+    vdk_open_options_set_format(o, format);
+    vdk_open_options_set_engine(o, engine, NULL);
+    VdkImage *img = vdk_image_open(path, o, NULL);
+    if (!img) {
+        _exit(3);
+    }
+    uint8_t *buf = g_malloc(CRASH_MAX_LEN + 1);
+    for (int i = 0; i < nops; i++) {
+        memset(buf, ops[i].fill, ops[i].len);
+        if (vdk_image_pwrite(img, buf, ops[i].len, ops[i].off, 0) < 0) {
+            _exit(4);
+        }
+        if (i % 7 == 6) {
+            if (vdk_image_flush(img) < 0) {
+                _exit(5);
+            }
+            int32_t done = i + 1;
+            if (write(wfd, &done, sizeof(done)) != sizeof(done)) {
+                _exit(6);
+            }
+        }
+    }
+    _exit(0);
+}
+
+void
+test_crash_run(TestCrash *c, const char *path, const char *format, const char *engine, uint64_t size, int nops,
+               uint64_t seed, int delay_ms)
+{
+    int p[2];
+    g_assert_cmpint(pipe(p), ==, 0);
+    pid_t pid = fork();
+    g_assert_cmpint(pid, >=, 0);
+    if (pid == 0) {
+        close(p[0]);
+        crash_writer(path, format, engine, size, nops, seed, p[1]);
+    }
+    close(p[1]);
+    struct timespec ts = {delay_ms / 1000, (long)(delay_ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+    kill(pid, SIGKILL);
+    int status;
+    waitpid(pid, &status, 0);
+    int32_t flushed = 0, x;
+    while (read(p[0], &x, sizeof(x)) == sizeof(x)) {
+        flushed = x;
+    }
+    close(p[0]);
+    g_test_message("killed after %d flushed writes", flushed);
+    CrashOp *ops = crash_plan(seed, size, nops);
+    c->size = size;
+    c->flushed = flushed;
+    c->model = g_malloc0(size);
+    c->unknown = g_malloc0(size);
+    for (int i = 0; i < flushed; i++) {
+        memset(c->model + ops[i].off, ops[i].fill, ops[i].len);
+    }
+    for (int i = flushed; i < nops; i++) {
+        memset(c->unknown + ops[i].off, 1, ops[i].len);
+    }
+    g_free(ops);
+}
+
+uint8_t *
+test_crash_verify(const TestCrash *c, VdkImage *img, int iter)
+{
+    uint8_t *buf = g_malloc(c->size);
+    g_assert_cmpint(vdk_image_pread(img, buf, c->size, 0), ==, 0);
+    for (uint64_t i = 0; i < c->size; i++) {
+        if (!c->unknown[i] && buf[i] != c->model[i]) {
+            g_error("iteration %d (killed after %d flushed writes): byte %" G_GUINT64_FORMAT
+                    " is 0x%02x, expected 0x%02x",
+                    iter, c->flushed, i, buf[i], c->model[i]);
+        }
+    }
+    return buf;
+}
+
+void
+test_crash_clear(TestCrash *c)
+{
+    g_free(c->model);
+    g_free(c->unknown);
+    memset(c, 0, sizeof(*c));
 }

@@ -48,4 +48,22 @@ uint64_t test_allocated(const char *path);
 /* Run a shell command; returns its exit status (-1 if it could not run). */
 int test_sh(const char *cmd);
 
+/* Crash consistency with a real SIGKILL: a forked writer opens an image and
+ * runs pseudo-random writes (up to 150000 bytes each) with a flush every 7,
+ * reporting each completed flush on a pipe; it is killed after a while. */
+typedef struct {
+    uint64_t size;
+    uint8_t *model;   /* what the writes before the last completed flush put there */
+    uint8_t *unknown; /* 1 where a later write may or may not have landed */
+    int flushed;      /* writes covered by the last completed flush */
+} TestCrash;
+/* Run the writer on @path (@format, @engine; the image is @size bytes) with
+ * @nops writes from @seed, SIGKILL it after @delay_ms, fill @c. */
+void test_crash_run(TestCrash *c, const char *path, const char *format, const char *engine, uint64_t size, int nops,
+                    uint64_t seed, int delay_ms);
+/* Read all of @img; fail (naming @iter) on a known byte that differs from
+ * the model.  Returns the content (g_free). */
+uint8_t *test_crash_verify(const TestCrash *c, VdkImage *img, int iter);
+void test_crash_clear(TestCrash *c);
+
 #endif
