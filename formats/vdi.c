@@ -27,7 +27,8 @@
  * after the data is written.  flush() writes the header (blocks_allocated
  * raised first, so no later writer can hand out an index the map uses),
  * syncs, then writes the dirty part of the map and syncs again: a crash
- * leaves, at worst, a block counted but not referenced.  Like VirtualBox,
+ * leaves, at worst, a block counted but not referenced.  Discarded blocks
+ * read as zeroes at once and are unmapped at close (vdi_discard()).  Like VirtualBox,
  * the modification UUID changes on the first write after open.
  */
 #include "config.h"
@@ -103,6 +104,10 @@ typedef struct Vdi {
     bool corrupt;      /* bad map entries: read-only, those blocks fail */
     uint64_t need_end; /* the file must reach here (end of the last new block) */
     bool differencing;
+    /* Blocks discarded since open (a bit per block, allocated on the first
+     * discard): their host space is punched and they read as zeroes; at
+     * close they are unmapped and the data area compacted. */
+    uint64_t *discarded;
     VdiAlloc *allocs;
     bool wb_running;
     VdkRequest *wb_waiters;
@@ -513,17 +518,29 @@ vdi_open(VdkNode *n, GError **error)
     return true;
 }
 
+static int unmap_discarded(Vdi *s);
+
 static bool
 vdi_close(VdkNode *n, GError **error)
 {
-    (void)error;
     Vdi *s = n->opaque;
+    bool ok = true;
+    /* (not when the final flush failed: metadata is still dirty) */
+    if (s && s->discarded && !n->read_only && !s->corrupt && !s->hdr_dirty && s->dirty_lo == UINT64_MAX &&
+        !s->allocs) {
+        int r = unmap_discarded(s);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "vdi: unmapping discarded blocks failed: %s", g_strerror(-r));
+            ok = false;
+        }
+    }
     if (s) {
+        g_free(s->discarded);
         g_free(s->bmap);
         g_free(s);
     }
     n->opaque = NULL;
-    return true;
+    return ok;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -547,6 +564,25 @@ block_host(const Vdi *s, uint32_t index)
     return (uint64_t)s->offset_data + (uint64_t)index * VDI_BLOCK_SIZE;
 }
 
+static bool
+is_discarded(const Vdi *s, uint32_t block)
+{
+    return s->discarded && (s->discarded[block / 64] >> (block % 64) & 1);
+}
+
+static void
+set_discarded(Vdi *s, uint32_t block, bool on)
+{
+    if (!s->discarded) {
+        return;
+    }
+    if (on) {
+        s->discarded[block / 64] |= UINT64_C(1) << (block % 64);
+    } else {
+        s->discarded[block / 64] &= ~(UINT64_C(1) << (block % 64));
+    }
+}
+
 static void
 mark_dirty(Vdi *s, uint32_t block)
 {
@@ -563,13 +599,24 @@ map_read(Vdi *s, uint64_t offset, uint64_t len, VdkExtent *ext)
     uint32_t e = s->bmap[b];
     uint64_t in = offset % VDI_BLOCK_SIZE;
     uint64_t stop = MIN(end, (uint64_t)(b + 1) * VDI_BLOCK_SIZE);
+    if (VDI_IS_ALLOCATED(e) && is_discarded(s, b)) {
+        /* punched; unmapped at close */
+        uint32_t nb = b + 1;
+        while (stop < end && VDI_IS_ALLOCATED(s->bmap[nb]) && is_discarded(s, nb)) {
+            stop = MIN(end, (uint64_t)(nb + 1) * VDI_BLOCK_SIZE);
+            nb++;
+        }
+        ext->kind = VDK_EXT_ZERO;
+        ext->len = stop - offset;
+        return 0;
+    }
     if (VDI_IS_ALLOCATED(e)) {
         if (e >= s->blocks) {
             return -EIO; /* reported by open / check */
         }
         /* extend over blocks that follow on the host too */
         uint32_t nb = b + 1;
-        while (stop < end && s->bmap[nb] == e + (nb - b) && s->bmap[nb] < s->blocks) {
+        while (stop < end && s->bmap[nb] == e + (nb - b) && s->bmap[nb] < s->blocks && !is_discarded(s, nb)) {
             stop = MIN(end, (uint64_t)(nb + 1) * VDI_BLOCK_SIZE);
             nb++;
         }
@@ -630,7 +677,10 @@ map_write(Vdi *s, uint64_t offset, uint64_t len, VdkExtent *ext, VdkRequest *r)
     note_modified(s);
     uint32_t e = s->bmap[b];
     if (VDI_IS_ALLOCATED(e)) {
-        return map_read(s, offset, len, ext); /* in place */
+        /* in place (a discarded block was punched: it is zeroes, and is
+         * the block's again) */
+        set_discarded(s, b, false);
+        return map_read(s, offset, len, ext);
     }
     if (s->next_index >= s->blocks) {
         /* only after holes left by failed writes or damage: check -r all compacts */
@@ -719,11 +769,15 @@ vdi_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
 /* ------------------------------------------------------------------------ */
 
 /*
- * Discard: whole allocated blocks have their host space punched and stay
- * allocated (they read as zeroes).  Unmapping them would leave their index
- * counted but unreferenced, which qemu-img check reports as corruption,
- * and reusing an index in the middle would need the block moves VirtualBox
- * does; punching keeps the image consistent for every reader.
+ * Discard: whole allocated blocks are zeroed on the host (punched where the
+ * file system can, so the space goes back at once) and read as zeroes from
+ * then on.  On disk they stay mapped while the image is open (the header's
+ * blocks_allocated must keep counting every index the map names, and an
+ * index in the middle of the data area can only be given back by moving
+ * the last block into it); vdi_close() unmaps them and compacts the data
+ * area, as VirtualBox's compaction does.  A write to a discarded block
+ * before then reuses it in place.  Differencing images keep discarded
+ * blocks as they are (unmapping would show the parent's data).
  */
 static int
 vdi_discard(VdkNode *n, VdkRequest *r)
@@ -736,10 +790,22 @@ vdi_discard(VdkNode *n, VdkRequest *r)
         g_mutex_unlock(&n->lock);
         return -EIO;
     }
+    if (!s->discarded && !s->differencing && s->image_type != VDI_TYPE_STATIC) {
+        s->discarded = g_try_new0(uint64_t, (size_t)s->blocks / 64 + 1);
+    }
     /* whole blocks (the last one ends at the end of the disk) */
     for (; pos < end && (pos + VDI_BLOCK_SIZE <= end || end == s->disk_size); pos += VDI_BLOCK_SIZE) {
-        uint32_t e = s->bmap[pos / VDI_BLOCK_SIZE];
-        if (VDI_IS_ALLOCATED(e) && !s->differencing) {
+        uint32_t b = (uint32_t)(pos / VDI_BLOCK_SIZE);
+        uint32_t e = s->bmap[b];
+        if (!VDI_IS_ALLOCATED(e) || s->differencing || alloc_find(s, b)) {
+            continue;
+        }
+        if (s->discarded) {
+            /* must read as zeroes for certain: punched, or zeroed */
+            note_modified(s);
+            vdk_req_file_zero(r, s->file, block_host(s, e), VDI_BLOCK_SIZE, VDK_REQ_MAY_UNMAP);
+            set_discarded(s, b, true);
+        } else {
             vdk_req_file_discard(r, s->file, block_host(s, e), VDI_BLOCK_SIZE);
         }
     }
@@ -1057,6 +1123,122 @@ copy_block_sync(Vdi *s, uint32_t from, uint32_t to)
         r = vdk_file_pwrite_sync(s->file, buf, VDI_BLOCK_SIZE, block_host(s, to));
     }
     free(buf);
+    return r;
+}
+
+/*
+ * Compact the data area so that exactly the indices below @counted are in
+ * use (@owner: index -> block, VDI_UNALLOCATED for a free index; @counted:
+ * the number of indices the map references): the highest used blocks are
+ * copied into the holes, each copy synced before its map entry names it and
+ * the entry synced before the next, then blocks_allocated drops and the
+ * file is cut.  A crash leaves at worst indices counted but unreferenced
+ * (vdk check -r all finishes the job), never an entry naming the wrong data.
+ */
+static int
+compact_data(Vdi *s, uint32_t *owner, uint32_t counted)
+{
+    int r = 0;
+    uint32_t hole = 0;
+    uint32_t top = MAX(s->blocks_allocated, s->next_index);
+    while (true) {
+        while (hole < counted && owner[hole] != VDI_UNALLOCATED) {
+            hole++;
+        }
+        while (top > counted && (top - 1 >= s->blocks || owner[top - 1] == VDI_UNALLOCATED)) {
+            top--;
+        }
+        if (hole >= counted || top <= counted) {
+            break;
+        }
+        uint32_t from = top - 1;
+        uint32_t b = owner[from];
+        r = copy_block_sync(s, from, hole);
+        if (r == 0) {
+            r = vdk_file_flush_sync(s->file);
+        }
+        if (r == 0) {
+            s->bmap[b] = hole;
+            r = write_map_sync(s, s->bmap, s->blocks, b, b + 1, s->offset_bmap);
+        }
+        if (r == 0) {
+            r = vdk_file_flush_sync(s->file);
+        }
+        if (r < 0) {
+            return r;
+        }
+        owner[hole] = b;
+        owner[from] = VDI_UNALLOCATED;
+    }
+    /* every referenced index is now below `counted` */
+    s->blocks_allocated = counted;
+    s->next_index = counted;
+    r = write_header_sync(s);
+    if (r == 0) {
+        r = vdk_file_flush_sync(s->file);
+    }
+    if (r < 0) {
+        return r;
+    }
+    uint64_t end = block_host(s, counted);
+    if (s->file->size > end) {
+        GError *e2 = NULL;
+        if (!vdk_file_truncate(s->file, end, VDK_PREALLOC_OFF, &e2)) {
+            g_clear_error(&e2); /* only space */
+        }
+    }
+    return 0;
+}
+
+/*
+ * At close, blocks discarded while the image was open are unmapped (their
+ * entries written and synced first, so no entry names an index about to be
+ * reused) and the data area is compacted.
+ */
+static int
+unmap_discarded(Vdi *s)
+{
+    bool any = false;
+    for (uint32_t b = 0; b < s->blocks; b++) {
+        if (VDI_IS_ALLOCATED(s->bmap[b]) && is_discarded(s, b)) {
+            s->bmap[b] = VDI_UNALLOCATED;
+            mark_dirty(s, b);
+            any = true;
+        }
+    }
+    if (!any) {
+        return 0;
+    }
+    int r = write_map_sync(s, s->bmap, s->blocks, s->dirty_lo, s->dirty_hi, s->offset_bmap);
+    if (r == 0) {
+        s->dirty_lo = UINT64_MAX;
+        s->dirty_hi = 0;
+        r = vdk_file_flush_sync(s->file);
+    }
+    if (r < 0) {
+        return r;
+    }
+    uint32_t *owner = g_try_new(uint32_t, s->blocks);
+    if (!owner) {
+        return 0; /* the blocks stay counted: a leak, not a corruption */
+    }
+    for (uint32_t i = 0; i < s->blocks; i++) {
+        owner[i] = VDI_UNALLOCATED;
+    }
+    uint32_t counted = 0;
+    for (uint32_t b = 0; b < s->blocks; b++) {
+        uint32_t e = s->bmap[b];
+        if (VDI_IS_ALLOCATED(e)) {
+            if (e >= s->blocks || owner[e] != VDI_UNALLOCATED) {
+                g_free(owner); /* damage: left to vdk check */
+                return 0;
+            }
+            owner[e] = b;
+            counted++;
+        }
+    }
+    r = compact_data(s, owner, counted);
+    g_free(owner);
     return r;
 }
 
@@ -1531,54 +1713,9 @@ vdi_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error)
             }
             problems++;
             if (fixing) {
-                /* fill holes below `counted` with the blocks above it */
-                uint32_t hole = 0;
-                uint32_t top = MAX(s->blocks_allocated, s->next_index);
-                while (true) {
-                    while (hole < counted && owner[hole] != VDI_UNALLOCATED) {
-                        hole++;
-                    }
-                    while (top > counted && (top - 1 >= s->blocks || owner[top - 1] == VDI_UNALLOCATED)) {
-                        top--;
-                    }
-                    if (hole >= counted || top <= counted) {
-                        break;
-                    }
-                    uint32_t from = top - 1;
-                    uint32_t b = owner[from];
-                    r = copy_block_sync(s, from, hole);
-                    if (r == 0) {
-                        r = vdk_file_flush_sync(s->file);
-                    }
-                    if (r == 0) {
-                        s->bmap[b] = hole;
-                        r = write_map_sync(s, s->bmap, s->blocks, b, b + 1, s->offset_bmap);
-                    }
-                    if (r == 0) {
-                        r = vdk_file_flush_sync(s->file);
-                    }
-                    if (r < 0) {
-                        goto io_error;
-                    }
-                    owner[hole] = b;
-                    owner[from] = VDI_UNALLOCATED;
-                }
-                /* every referenced index is now below `counted` */
-                s->blocks_allocated = counted;
-                s->next_index = counted;
-                r = write_header_sync(s);
-                if (r == 0) {
-                    r = vdk_file_flush_sync(s->file);
-                }
+                r = compact_data(s, owner, counted);
                 if (r < 0) {
                     goto io_error;
-                }
-                uint64_t end = block_host(s, counted);
-                if (s->file->size > end) {
-                    GError *e2 = NULL;
-                    if (!vdk_file_truncate(s->file, end, VDK_PREALLOC_OFF, &e2)) {
-                        g_clear_error(&e2); /* only space */
-                    }
                 }
                 res->corruptions_fixed++;
             }

@@ -333,8 +333,18 @@ test_alloc(const TestVariant *v)
     g_assert_cmpint(vdk_image_discard(img, 2 * MiB, MiB), ==, 0);
     g_assert_cmpint(vdk_image_pread(img, rb, MiB, 2 * MiB), ==, 0);
     g_assert_true(vdk_buffer_is_zero(rb, MiB));
+    g_assert_cmpint(vdk_image_block_status(img, 2 * MiB, MiB, &bs), ==, 0);
+    g_assert_false(bs.flags & VDK_BS_DATA);
+    g_assert_true(bs.flags & VDK_BS_ZERO);
     check_clean(img);
+    /* still mapped on disk while open (the count must name it) ... */
+    g_assert_cmpuint(file_u32(path, bmap + 2 * 4), ==, 1);
     g_assert_true(vdk_image_close(img, NULL));
+    /* ... and unmapped at close, the file cut after the one block left */
+    g_assert_cmpuint(file_u32(path, bmap + 2 * 4), ==, 0xffffffffu);
+    g_assert_cmpuint(file_u32(path, bmap + 5 * 4), ==, 0);
+    g_assert_cmpuint(file_u32(path, 0x184), ==, 1);
+    g_assert_cmpuint(file_size(path), ==, data + MiB);
     free(buf);
     g_free(rb);
     g_free(path);
