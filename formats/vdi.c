@@ -438,7 +438,7 @@ vdi_open(VdkNode *n, GError **error)
         g_set_error(
             error, VDK_ERROR, ENOTSUP,
             "vdi: this is a differencing image and VDI does not record its parent's file name: name it "
-            "with --image-opts driver=vdi,file.filename=IMAGE,parent=PARENT");
+            "with -b PARENT (or --image-opts driver=vdi,file.filename=IMAGE,parent=PARENT)");
         g_free(s);
         return false;
     }

@@ -13,11 +13,14 @@
 #include "tools/tool.h"
 
 static const char check_help[] =
-    "usage: vdk check [-q] [-f FMT] [--output=human|json] [-r leaks|all] [-T SRC_CACHE] [-U] FILENAME\n"
+    "usage: vdk check [-b PARENT] [-q] [-f FMT] [--output=human|json] [-r leaks|all] [-T SRC_CACHE] [-U] FILENAME\n"
     "\n"
     "Check the image's metadata for consistency and optionally repair it.\n"
     "Exit status: 0 no errors, 1 the check could not be completed, 2 corruptions\n"
-    "found, 3 only leaked clusters found, 63 the format does not support checks.\n";
+    "found, 3 only leaked clusters found, 63 the format does not support checks.\n"
+    "\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n";
 
 static void
 print_human(const VdkCheckResult *r)
@@ -99,6 +102,7 @@ cmd_check(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"output", required_argument, NULL, 'O'},
         {"repair", required_argument, NULL, 'r'},
         {"force-share", no_argument, NULL, 'U'},
@@ -111,7 +115,7 @@ cmd_check(int argc, char **argv)
     bool quiet = tool_quiet;
     int fix = 0;
     int c;
-    while ((c = getopt_long(argc, argv, "hf:r:T:qU", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:r:T:qUb:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, check_help);
@@ -140,6 +144,9 @@ cmd_check(int argc, char **argv)
             break;
         case 'q':
             quiet = true;
+            break;
+        case 'b':
+            o.parent = optarg;
             break;
         case 'U':
             o.force_share = true;

@@ -15,11 +15,14 @@
 #include "tools/tool.h"
 
 static const char compare_help[] =
-    "usage: vdk compare [-f FMT] [-F FMT] [-T SRC_CACHE] [-p] [-q] [-s] [-U] FILENAME1 FILENAME2\n"
+    "usage: vdk compare [-f FMT] [-b PARENT] [-F FMT] [-T SRC_CACHE] [-p] [-q] [-s] [-U] FILENAME1 FILENAME2\n"
     "\n"
     "Compare the guest-visible content of two images.  Exit status: 0 identical,\n"
     "1 different, 2 error.  -s (strict) also fails on a size or allocation\n"
-    "difference.\n";
+    "difference.\n"
+    "\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi FILENAME1 (VDI does not\n"
+    "                    record its file name)\n";
 
 #define CMP_CHUNK (4u << 20)
 
@@ -97,6 +100,7 @@ cmd_compare(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"force-share", no_argument, NULL, 'U'},
         {"image-opts", no_argument, NULL, 'I'},
         {"object", required_argument, NULL, 'j'},
@@ -108,7 +112,7 @@ cmd_compare(int argc, char **argv)
     bool quiet = tool_quiet;
     bool progress = false;
     int c;
-    while ((c = getopt_long(argc, argv, "hf:F:T:pqsU", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:F:T:pqsUb:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, compare_help);
@@ -130,6 +134,9 @@ cmd_compare(int argc, char **argv)
             break;
         case 's':
             strict = true;
+            break;
+        case 'b':
+            o1.parent = optarg;
             break;
         case 'U':
             break;

@@ -19,7 +19,7 @@
 #include "tools/tool.h"
 
 static const char convert_help[] =
-    "usage: vdk convert [-f FMT] [-O OUTPUT_FMT] [-o OPTIONS] [-p] [--progress=bar|json] [-n]\n"
+    "usage: vdk convert [-f FMT] [-b PARENT] [-O OUTPUT_FMT] [-o OPTIONS] [-p] [--progress=bar|json] [-n]\n"
     "                   [--target-is-zero] [-S SPARSE_SIZE] [-m REQUESTS] [-W | --in-order]\n"
     "                   [-t CACHE] [-T SRC_CACHE] [--aio=ENGINE] [-r RATE] [-q] [-U]\n"
     "                   FILENAME [FILENAME2 ...] OUTPUT_FILENAME\n"
@@ -29,6 +29,8 @@ static const char convert_help[] =
     "least SPARSE_SIZE bytes (default 4k; 0 = write everything) stay holes.\n"
     "\n"
     "  -f FMT          source format (default: probed)\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n"
     "  -O FMT          target format (default raw)\n"
     "  -o OPTIONS      target creation options (see vdk create -o help)\n"
     "  -n              do not create the target; write into an existing image\n"
@@ -66,6 +68,7 @@ cmd_convert(int argc, char **argv)
     enum { OPT_TARGET_ZERO = 256, OPT_PROGRESS, OPT_IN_ORDER, OPT_AIO, OPT_CHUNK };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"target-is-zero", no_argument, NULL, OPT_TARGET_ZERO},
         {"progress", optional_argument, NULL, OPT_PROGRESS},
         {"in-order", no_argument, NULL, OPT_IN_ORDER},
@@ -85,6 +88,7 @@ cmd_convert(int argc, char **argv)
     const char *out_fmt = "raw";
     const char *cache = "writeback";
     const char *src_cache = "writeback";
+    const char *src_parent = NULL;
     const char *aio = NULL;
     const char *backing = NULL;
     const char *backing_fmt = NULL;
@@ -103,7 +107,7 @@ cmd_convert(int argc, char **argv)
     int ret = 1;
     int c;
 
-    while ((c = getopt_long(argc, argv, "hf:O:o:pnS:m:Wt:T:qcB:F:r:Ul:C", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:O:o:pnS:m:Wt:T:qcB:F:r:Ul:Cb:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, convert_help);
@@ -190,6 +194,9 @@ cmd_convert(int argc, char **argv)
                 goto out_args;
             }
             break;
+        case 'b':
+            src_parent = optarg;
+            break;
         case 'U':
             break;
         case 'l':
@@ -243,7 +250,17 @@ cmd_convert(int argc, char **argv)
     GError *err = NULL;
     uint64_t total = 0;
 
-    ToolOpen so = {.format = src_fmt, .read_only = true, .cache = src_cache, .aio = aio, .image_opts = src_image_opts};
+    ToolOpen so = {.format = src_fmt,
+                   .read_only = true,
+                   .cache = src_cache,
+                   .aio = aio,
+                   .image_opts = src_image_opts,
+                   .parent = src_parent};
+    if (src_parent && nsrc > 1) {
+        tool_error(NULL, "-b names the parent of one differencing vdi source; with several sources use "
+                         "--image-opts driver=vdi,file.filename=CHILD,parent=PARENT");
+        goto out;
+    }
     if (snapshot_param) {
         /* -l snapshot.id=ID,snapshot.name=NAME, or -l ID_OR_NAME (qemu-img's forms) */
         if (nsrc > 1) {

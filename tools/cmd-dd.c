@@ -15,7 +15,7 @@
 #include "tools/tool.h"
 
 static const char dd_help[] =
-    "usage: vdk dd [-f FMT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]\n"
+    "usage: vdk dd [-f FMT] [-b PARENT] [-O OUTPUT_FMT] [-U] [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS]\n"
     "              if=INPUT of=OUTPUT\n"
     "\n"
     "Copy from INPUT to a new image OUTPUT (format OUTPUT_FMT, default raw) like\n"
@@ -25,6 +25,8 @@ static const char dd_help[] =
     "  count=N       copy at most N blocks\n"
     "  skip=N        skip N blocks of the input first\n"
     "  -f FMT        input format (default: probed)\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n"
     "  -O FMT        output format (default raw)\n";
 
 #define DD_CHUNK (4u << 20)
@@ -34,6 +36,7 @@ cmd_dd(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"image-opts", no_argument, NULL, 'I'},
         {"object", required_argument, NULL, 'j'},
         {"force-share", no_argument, NULL, 'U'},
@@ -42,7 +45,7 @@ cmd_dd(int argc, char **argv)
     ToolOpen in_opts = {.read_only = true};
     const char *out_fmt = "raw";
     int c;
-    while ((c = getopt_long(argc, argv, "hf:O:U", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:O:Ub:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, dd_help);
@@ -52,6 +55,9 @@ cmd_dd(int argc, char **argv)
             break;
         case 'O':
             out_fmt = optarg;
+            break;
+        case 'b':
+            in_opts.parent = optarg;
             break;
         case 'U':
             in_opts.force_share = true;

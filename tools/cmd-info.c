@@ -11,12 +11,14 @@
 #include "tools/tool.h"
 
 static const char info_help[] =
-    "usage: vdk info [-f FMT] [--output=human|json] [--backing-chain] [-U] FILENAME\n"
+    "usage: vdk info [-f FMT] [-b PARENT] [--output=human|json] [--backing-chain] [-U] FILENAME\n"
     "\n"
     "Show the format, virtual size, disk usage and format-specific details of an\n"
     "image, as qemu-img info does (JSON keys are the same).\n"
     "\n"
     "  -f FMT            image format (default: probed)\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n"
     "  --output=FMT      human (default) or json\n"
     "  --backing-chain   every image of the backing chain\n"
     "  -U, --force-share open without locking\n";
@@ -135,6 +137,7 @@ cmd_info(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"output", required_argument, NULL, 'O'},
         {"backing-chain", no_argument, NULL, 'B'},
         {"force-share", no_argument, NULL, 'U'},
@@ -146,7 +149,7 @@ cmd_info(int argc, char **argv)
     bool json = false;
     bool chain = false;
     int c;
-    while ((c = getopt_long(argc, argv, "hf:U", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:Ub:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, info_help);
@@ -161,6 +164,9 @@ cmd_info(int argc, char **argv)
             break;
         case 'B':
             chain = true;
+            break;
+        case 'b':
+            o.parent = optarg;
             break;
         case 'U':
             o.force_share = true;

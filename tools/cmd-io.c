@@ -18,11 +18,13 @@
 #include "tools/tool.h"
 
 static const char io_help[] =
-    "usage: vdk io [-f FMT] [-r] [-n] [-t CACHE] [-i AIO | --aio=AIO] [-k] [-U] [-c COMMAND]... FILENAME\n"
+    "usage: vdk io [-f FMT] [-b PARENT] [-r] [-n] [-t CACHE] [-i AIO | --aio=AIO] [-k] [-U] [-c COMMAND]... FILENAME\n"
     "\n"
     "Run qemu-io style commands against an image (from -c, else from stdin).\n"
     "\n"
     "  -f FMT       image format (default: probed; probed raw restricts writes to sector 0)\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n"
     "  -r           read-only\n"
     "  -n           cache=none (O_DIRECT); -t CACHE for any cache mode\n"
     "  -i, --aio    io_uring, native, threads or auto; -k means native\n"
@@ -573,6 +575,7 @@ cmd_io(int argc, char **argv)
     enum { OPT_AIO = 256 };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"cmd", required_argument, NULL, 'c'},
         {"format", required_argument, NULL, 'f'},
         {"read-only", no_argument, NULL, 'r'},
@@ -589,7 +592,7 @@ cmd_io(int argc, char **argv)
     GPtrArray *cmds = g_ptr_array_new();
     int c;
     int status = 0;
-    while ((c = getopt_long(argc, argv, "+hc:f:rnki:t:d:UsCm", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "+hc:f:rnki:t:d:UsCmb:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, io_help);
@@ -618,6 +621,9 @@ cmd_io(int argc, char **argv)
             o.cache = optarg;
             break;
         case 'd':
+        case 'b':
+            o.parent = optarg;
+            break;
         case 'U':
         case 'C':
         case 'm':

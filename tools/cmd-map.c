@@ -13,11 +13,14 @@
 #include "tools/tool.h"
 
 static const char map_help[] =
-    "usage: vdk map [-f FMT] [--start-offset=OFFSET] [--max-length=LEN] [--output=human|json] [-U]\n"
+    "usage: vdk map [-f FMT] [-b PARENT] [--start-offset=OFFSET] [--max-length=LEN] [--output=human|json] [-U]\n"
     "               FILENAME\n"
     "\n"
     "Print the image's allocation map: which ranges hold data, which read as zero,\n"
-    "and which layer of the backing chain provides them (qemu-img map's format).\n";
+    "and which layer of the backing chain provides them (qemu-img map's format).\n"
+    "\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n";
 
 typedef struct {
     uint64_t start, length;
@@ -54,6 +57,7 @@ cmd_map(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"output", required_argument, NULL, 'O'},
         {"start-offset", required_argument, NULL, 's'},
         {"max-length", required_argument, NULL, 'l'},
@@ -67,7 +71,7 @@ cmd_map(int argc, char **argv)
     uint64_t start = 0;
     uint64_t max_len = UINT64_MAX;
     int c;
-    while ((c = getopt_long(argc, argv, "hf:U", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:Ub:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, map_help);
@@ -93,6 +97,9 @@ cmd_map(int argc, char **argv)
                            optarg);
                 return 1;
             }
+            break;
+        case 'b':
+            o.parent = optarg;
             break;
         case 'U':
             o.force_share = true;

@@ -12,7 +12,7 @@
 #include "tools/tool.h"
 
 static const char measure_help[] =
-    "usage: vdk measure [--output=human|json] [-O OUTPUT_FMT] [-o OPTIONS]\n"
+    "usage: vdk measure [-b PARENT] [--output=human|json] [-O OUTPUT_FMT] [-o OPTIONS]\n"
     "                   [--size N | [-f FMT] [-U] FILENAME]\n"
     "\n"
     "Calculate the file size needed for a new image of format OUTPUT_FMT (default\n"
@@ -25,6 +25,8 @@ static const char measure_help[] =
     "  -o OPTIONS        output format options, as for create ('-o help' lists them)\n"
     "  --size N          size of an empty image (suffixes k, M, G, T, P, E)\n"
     "  -f FMT            format of FILENAME (default: probed)\n"
+    "  -b, --parent PARENT  the parent of a differencing vdi image (VDI does not\n"
+    "                    record its file name)\n"
     "  --output=FMT      human (default) or json\n"
     "  -U, --force-share open without locking\n";
 
@@ -33,6 +35,7 @@ cmd_measure(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"parent", required_argument, NULL, 'b'},
         {"output", required_argument, NULL, 'J'},
         {"size", required_argument, NULL, 's'},
         {"force-share", no_argument, NULL, 'U'},
@@ -50,7 +53,7 @@ cmd_measure(int argc, char **argv)
     int ret = 1;
     int c;
 
-    while ((c = getopt_long(argc, argv, "hf:O:o:l:U", longopts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "hf:O:o:l:Ub:", longopts, NULL)) != -1) {
         switch (c) {
         case 'h':
             tool_usage(stdout, measure_help);
@@ -80,6 +83,9 @@ cmd_measure(int argc, char **argv)
             break;
         case 's':
             size_arg = optarg;
+            break;
+        case 'b':
+            open_opts.parent = optarg;
             break;
         case 'U':
             open_opts.force_share = true;

@@ -90,8 +90,15 @@ tool_open_gerror(const char *filename, const ToolOpen *o, GError **error)
             vdk_open_options_set(opts, o->opts->pdata[i], o->opts->pdata[i + 1]);
         }
     }
+    if (o->parent) {
+        vdk_open_options_set(opts, "parent", o->parent);
+    }
     VdkImage *img = vdk_image_open(filename, opts, error);
     vdk_open_options_free(opts);
+    if (!img && o->parent && error && *error && strstr((*error)->message, "unknown open option 'parent'")) {
+        g_clear_error(error);
+        g_set_error(error, VDK_ERROR, EINVAL, "-b names the parent of a differencing vdi image; this is not one");
+    }
     if (img && tool_verbose) {
         fprintf(stderr, "vdk: %s: format %s, aio %s, cache %s\n", filename, vdk_image_get_format(img),
                 vdk_image_get_engine(img), vdk_image_get_cache(img));

@@ -60,6 +60,7 @@ typedef struct {
     bool read_only;
     bool force_share;
     bool image_opts; /* the filename is qemu's --image-opts option string */
+    const char *parent; /* -b: the parent of a differencing vdi (open option "parent") */
     GPtrArray *opts; /* key, value, key, value ... for vdk_open_options_set */
 } ToolOpen;
 
