@@ -373,6 +373,9 @@ vdk_vmdk_desc_set_key(const char *text, const char *key, const char *value)
         p = next;
     }
     if (!done) {
+        if (out->len && out->str[out->len - 1] != '\n') {
+            g_string_append_c(out, '\n'); /* the last line had no line end */
+        }
         g_string_append_printf(out, "%s=%s\n", key, value);
     }
     return g_string_free(out, FALSE);
