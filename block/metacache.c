@@ -460,6 +460,22 @@ vdk_mc_issue_writes(VdkMcWrite *list, VdkRequest *parent)
     }
 }
 
+void
+vdk_mc_cancel_writes(VdkMcWrite *list)
+{
+    while (list) {
+        VdkMcWrite *w = list;
+        list = w->next;
+        VdkMetaCache *c = w->c;
+        g_mutex_lock(&c->node->lock);
+        w->e->writing--;
+        vdk_mc_mark_dirty(c, w->e);
+        g_mutex_unlock(&c->node->lock);
+        free(w->buf);
+        g_free(w);
+    }
+}
+
 int
 vdk_mc_write_dirty_sync(VdkMetaCache *c)
 {

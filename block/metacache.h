@@ -79,6 +79,8 @@ VdkMcWrite *vdk_mc_collect_dirty(VdkMetaCache *c);
 /* Without the lock: write the collected slices as sub-requests of
  * @parent; frees the list. */
 void vdk_mc_issue_writes(VdkMcWrite *list, VdkRequest *parent);
+/* Give back a collected list without writing it: the slices are dirty again. */
+void vdk_mc_cancel_writes(VdkMcWrite *list);
 /* Synchronous writeback for control paths (lock held). */
 int vdk_mc_write_dirty_sync(VdkMetaCache *c);
 

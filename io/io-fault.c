@@ -13,6 +13,8 @@
 #include "config.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <string.h>
 
 #include "io/io.h"
@@ -74,6 +76,172 @@ fault_check(const VdkIoReq *req)
     }
     g_mutex_unlock(&fault_lock);
     return err;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Recording                                                                 */
+/* ------------------------------------------------------------------------ */
+
+static GMutex rec_lock;
+static GPtrArray *rec_log;
+static uint64_t rec_next_id;
+static GHashTable *rec_paths; /* fd -> path, per recording */
+
+typedef struct {
+    VdkIoComplete *complete;
+    void *opaque;
+    uint64_t id;
+} RecTramp;
+
+static void
+rec_free(gpointer p)
+{
+    VdkRecord *r = p;
+    g_free(r->path);
+    g_free(r->data);
+    g_free(r);
+}
+
+void
+vdk_io_record_start(void)
+{
+    g_mutex_lock(&rec_lock);
+    if (rec_log) {
+        g_ptr_array_unref(rec_log);
+    }
+    rec_log = g_ptr_array_new_with_free_func(rec_free);
+    if (rec_paths) {
+        g_hash_table_unref(rec_paths);
+    }
+    rec_paths = g_hash_table_new_full(g_direct_hash, g_direct_equal, NULL, g_free);
+    g_mutex_unlock(&rec_lock);
+}
+
+GPtrArray *
+vdk_io_record_stop(void)
+{
+    g_mutex_lock(&rec_lock);
+    GPtrArray *log = rec_log;
+    rec_log = NULL;
+    if (rec_paths) {
+        g_hash_table_unref(rec_paths);
+        rec_paths = NULL;
+    }
+    g_mutex_unlock(&rec_lock);
+    return log;
+}
+
+static VdkRecord *
+rec_append(VdkRecKind kind, uint64_t id)
+{
+    VdkRecord *r = g_new0(VdkRecord, 1);
+    r->kind = kind;
+    r->id = id;
+    g_ptr_array_add(rec_log, r);
+    return r;
+}
+
+void
+vdk_io_record_mark(uint64_t tag)
+{
+    g_mutex_lock(&rec_lock);
+    if (rec_log) {
+        rec_append(VDK_REC_MARK, tag);
+    }
+    g_mutex_unlock(&rec_lock);
+}
+
+static void
+rec_complete(VdkIoReq *req)
+{
+    RecTramp *t = req->opaque;
+    req->complete = t->complete;
+    req->opaque = t->opaque;
+    g_mutex_lock(&rec_lock);
+    if (rec_log) {
+        rec_append(VDK_REC_DONE, t->id)->result = req->result;
+    }
+    g_mutex_unlock(&rec_lock);
+    g_free(t);
+    req->complete(req);
+}
+
+static const char *
+rec_path(int fd)
+{
+    char *path = g_hash_table_lookup(rec_paths, GINT_TO_POINTER(fd));
+    if (!path) {
+        char link[64];
+        g_snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+        path = g_file_read_link(link, NULL);
+        if (!path) {
+            path = g_strdup("?");
+        }
+        g_hash_table_insert(rec_paths, GINT_TO_POINTER(fd), path);
+    }
+    return path;
+}
+
+/* Log @req (queued now) and route its completion through rec_complete(). */
+static void
+rec_queue(VdkIoReq *req)
+{
+    g_mutex_lock(&rec_lock);
+    if (!rec_log || (req->op != VDK_IO_WRITEV && req->op != VDK_IO_FALLOCATE && req->op != VDK_IO_FDATASYNC)) {
+        g_mutex_unlock(&rec_lock);
+        return;
+    }
+    uint64_t id = ++rec_next_id;
+    VdkRecord *r;
+    if (req->op == VDK_IO_WRITEV) {
+        r = rec_append(VDK_REC_WRITE, id);
+        r->len = req->len;
+        r->data = g_malloc(req->len ? req->len : 1);
+        uint64_t at = 0;
+        for (int i = 0; i < req->iovcnt && at < req->len; i++) {
+            size_t n = (size_t)MIN((uint64_t)req->iov[i].iov_len, req->len - at);
+            memcpy(r->data + at, req->iov[i].iov_base, n);
+            at += n;
+        }
+    } else if (req->op == VDK_IO_FALLOCATE) {
+        bool zeroing = req->mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE);
+        r = rec_append(zeroing ? VDK_REC_ZERO : VDK_REC_ALLOC, id);
+        r->len = req->len;
+        r->keep_size = (req->mode & FALLOC_FL_KEEP_SIZE) != 0;
+    } else {
+        r = rec_append(VDK_REC_SYNC, id);
+    }
+    r->offset = req->offset;
+    r->path = g_strdup(rec_path(req->fd));
+    g_mutex_unlock(&rec_lock);
+    RecTramp *t = g_new(RecTramp, 1);
+    t->complete = req->complete;
+    t->opaque = req->opaque;
+    t->id = id;
+    req->complete = rec_complete;
+    req->opaque = t;
+}
+
+/* The inner engine refused @req (-EAGAIN: the caller retries): forget it. */
+static void
+rec_cancel(VdkIoReq *req)
+{
+    if (req->complete != rec_complete) {
+        return;
+    }
+    RecTramp *t = req->opaque;
+    req->complete = t->complete;
+    req->opaque = t->opaque;
+    g_mutex_lock(&rec_lock);
+    for (guint i = rec_log ? rec_log->len : 0; i-- > 0;) {
+        VdkRecord *r = rec_log->pdata[i];
+        if (r->id == t->id && r->kind != VDK_REC_MARK && r->kind != VDK_REC_DONE) {
+            g_ptr_array_remove_index(rec_log, i);
+            break;
+        }
+    }
+    g_mutex_unlock(&rec_lock);
+    g_free(t);
 }
 
 struct VdkIoCtx {
@@ -159,6 +327,7 @@ fault_ctx_free(VdkIoCtx *ctx)
 static int
 fault_queue(VdkIoCtx *ctx, VdkIoReq *req)
 {
+    rec_queue(req);
     int err = fault_check(req);
     if (err) {
         req->result = err;
@@ -168,7 +337,11 @@ fault_queue(VdkIoCtx *ctx, VdkIoReq *req)
         vdk_io_eventfd_signal(ctx->efd);
         return 0;
     }
-    return ctx->inner->queue(ctx->ictx, req);
+    int r = ctx->inner->queue(ctx->ictx, req);
+    if (r < 0) {
+        rec_cancel(req);
+    }
+    return r;
 }
 
 static int

@@ -122,6 +122,36 @@ void vdk_io_fault_set(int op, uint64_t nth, int error, bool sticky);
 void vdk_io_fault_set_inner(const VdkIoEngine *inner);
 uint64_t vdk_io_fault_hits(void);
 
+/*
+ * Recording (crash-consistency tests): while on, every write, fallocate and
+ * fdatasync passing through the fault engine is appended to a global log
+ * with a copy of its data, and so is its completion; tests add their own
+ * marks (guest-level events) to the same log, in the same order.
+ */
+typedef enum {
+    VDK_REC_WRITE = 0,  /* data (NULL: zeroes) at offset, len; extends the file */
+    VDK_REC_ZERO,       /* zeroes in [offset, offset+len); keep_size: never extends */
+    VDK_REC_ALLOC,      /* fallocate mode 0: extends the file, bytes unchanged */
+    VDK_REC_SYNC,       /* fdatasync queued */
+    VDK_REC_DONE,       /* request @id completed with @result */
+    VDK_REC_MARK,       /* a test's own event: @id is its tag */
+} VdkRecKind;
+
+typedef struct {
+    VdkRecKind kind;
+    uint64_t id; /* request id (WRITE/ZERO/ALLOC/SYNC/DONE) or tag (MARK) */
+    char *path;  /* file (from /proc/self/fd at queue time) */
+    uint64_t offset, len;
+    uint8_t *data;
+    bool keep_size;
+    int64_t result;
+} VdkRecord;
+
+void vdk_io_record_start(void);
+/* Stop and return the log (VdkRecord *, freed with the array). */
+GPtrArray *vdk_io_record_stop(void);
+void vdk_io_record_mark(uint64_t tag);
+
 /* Look up an engine by qemu's name ("io_uring", "native", "threads");
  * "auto" picks io_uring if available here, else threads, and records why
  * in *reason (for -v).  Returns NULL with @error set when the named engine

@@ -637,6 +637,9 @@ qcow2_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
         }
     }
     uint64_t cs = s->cluster_size;
+    if (err >= 0) {
+        s->alloc_gen++;
+    }
     if (a->compressed) {
         if (err < 0) {
             release_entry(s, a->comp_entry); /* the bytes were counted */

@@ -14,8 +14,12 @@
  *                           the old table's clusters are freed)
  *   dirty bit              lazy refcounts: set on disk before any L2 entry
  *                           that relies on counts not yet written
- *   L2 slices              data and copy-on-write were written before their
- *                           entries changed in memory, so they precede these
+ *   sync                   when the L2 slices hold entries of allocations
+ *                           that no sync has covered (alloc_gen): data and
+ *                           copy-on-write completed before their entries
+ *                           changed in memory, so this sync makes them
+ *                           durable before any entry points at them
+ *   L2 slices
  *   sync
  *   L1 entries, header     new L2 tables are written before L1 points there
  *   sync                   the flush's durability point
@@ -45,6 +49,7 @@ enum {
     WB_HEADER_RT,
     WB_DIRTY_BIT,
     WB_L2,
+    WB_L2_WRITE,
     WB_SYNC3,
     WB_L1,
     WB_SYNC4,
@@ -64,6 +69,9 @@ typedef struct {
     bool frees_loaded;   /* the refcount blocks the frees need were fetched */
     uint64_t frees_left; /* closing: clusters still to free after the last pass */
     void *buf;           /* a table or header copy being written */
+    VdkMcWrite *l2_list; /* L2 slices collected, written after a sync */
+    uint64_t sync_gen;   /* alloc_gen when the sync in flight was issued */
+    bool syncing;
 } Wb;
 
 static void wb_run(Wb *wb);
@@ -74,6 +82,15 @@ wb_sub_done(VdkRequest *sub)
     Wb *wb = sub->done_opaque;
     free(wb->buf);
     wb->buf = NULL;
+    if (wb->syncing) {
+        wb->syncing = false;
+        if (!sub->error) {
+            Qcow2 *s = wb->s;
+            g_mutex_lock(&s->node->lock);
+            s->synced_gen = MAX(s->synced_gen, wb->sync_gen);
+            g_mutex_unlock(&s->node->lock);
+        }
+    }
     if (sub->error) {
         /* Stop here: later steps depend on this one.  What was not written
          * stays dirty for the next flush. */
@@ -97,6 +114,11 @@ wb_write(Wb *wb, void *buf, uint64_t off, uint64_t len)
 static void
 wb_sync(Wb *wb)
 {
+    Qcow2 *s = wb->s;
+    g_mutex_lock(&s->node->lock);
+    wb->sync_gen = s->alloc_gen;
+    g_mutex_unlock(&s->node->lock);
+    wb->syncing = true;
     VdkRequest *sub = vdk_subreq(wb->r, wb_sub_done, wb);
     vdk_req_file_flush(sub, wb->s->file);
     vdk_subreq_launch(sub);
@@ -239,6 +261,11 @@ wb_finish(Wb *wb)
 {
     Qcow2 *s = wb->s;
     VdkNode *n = s->node;
+    if (wb->l2_list) {
+        /* the sync before them failed: they stay dirty */
+        vdk_mc_cancel_writes(wb->l2_list);
+        wb->l2_list = NULL;
+    }
     g_mutex_lock(&n->lock);
     s->wb_running = false;
     VdkRequest *w = s->wb_waiters;
@@ -357,7 +384,21 @@ wb_run(Wb *wb)
             }
             g_mutex_lock(&n->lock);
             VdkMcWrite *list = vdk_mc_collect_dirty(s->l2c);
+            /* entries of allocations no sync has covered yet: sync first
+             * (their data completed before they changed in memory, so
+             * before this collection and before the sync) */
+            bool need_sync = list && s->alloc_gen != s->synced_gen && !s->file->no_flush;
             g_mutex_unlock(&n->lock);
+            wb->l2_list = list;
+            if (need_sync) {
+                wb_sync(wb);
+                return;
+            }
+            continue;
+        }
+        case WB_L2_WRITE: {
+            VdkMcWrite *list = wb->l2_list;
+            wb->l2_list = NULL;
             if (list) {
                 wb->wrote = true;
                 VdkRequest *sub = vdk_subreq(wb->r, wb_sub_done, wb);

@@ -102,6 +102,11 @@ typedef struct {
 } Qcow2Free;
 
 struct Qcow2 {
+    /* Allocating writes whose entries changed in memory (counted at
+     * alloc_done), and how many of them a completed sync covers: L2 slices
+     * holding newer entries are written only after another sync, so an
+     * entry never reaches the disk before the data it points at. */
+    uint64_t alloc_gen, synced_gen;
     VdkNode *node;
     VdkFile *file;
 
