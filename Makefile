@@ -12,7 +12,7 @@ PACKAGES = build-essential meson ninja-build pkg-config python3 \
 
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build check test demo bench install clean
+.PHONY: all deps build check check-asan check-asan-run test demo bench install clean
 
 all: build
 
@@ -31,10 +31,35 @@ build: deps $(BUILD)/build.ninja
 	ninja -C $(BUILD)
 
 # The whole test suite; the last line is "N passed, N failed, N skipped".
+# With SANITIZE=1 (the default under CI=true) the suite runs a second time
+# in a build with AddressSanitizer and UndefinedBehaviorSanitizer, and the
+# last line counts both runs.
+SANITIZE ?= $(if $(filter true,$(CI)),1,0)
+ASAN_BUILD ?= $(BUILD)-asan
 check: build
 	@meson test -C $(BUILD) --num-processes 2 --print-errorlogs > $(BUILD)/meson-test-output.txt 2>&1; \
 	tail -n 25 $(BUILD)/meson-test-output.txt | grep -E '^(Ok|Fail|Skipped|Timeout|Expected|Unexpected)' || true; \
-	python3 tests/summary.py $(BUILD)/meson-logs/testlog.json
+	if [ "$(SANITIZE)" = 1 ]; then \
+		echo "Running the suite again under ASan+UBSan ($(ASAN_BUILD))"; \
+		$(MAKE) --no-print-directory check-asan-run; \
+		python3 tests/summary.py $(BUILD)/meson-logs/testlog.json asan:$(ASAN_BUILD)/meson-logs/testlog.json; \
+	else \
+		python3 tests/summary.py $(BUILD)/meson-logs/testlog.json; \
+	fi
+
+# The sanitizer pass alone (its summary line covers only itself).  The fuzz
+# targets are sanitized already; the install test links a plain program
+# against the library, which an ASan library cannot serve.
+check-asan: deps check-asan-run
+	@python3 tests/summary.py $(ASAN_BUILD)/meson-logs/testlog.json
+
+check-asan-run:
+	@[ -f $(ASAN_BUILD)/build.ninja ] || meson setup $(ASAN_BUILD) $(MESON_OPTS) -Db_sanitize=address,undefined >/dev/null
+	@ninja -C $(ASAN_BUILD) >/dev/null
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		meson test -C $(ASAN_BUILD) --num-processes 2 --print-errorlogs --no-suite fuzz --no-suite install \
+		> $(ASAN_BUILD)/meson-test-output.txt 2>&1; \
+	tail -n 25 $(ASAN_BUILD)/meson-test-output.txt | grep -E '^(Ok|Fail|Skipped|Timeout)' || true
 
 test: check
 
@@ -48,4 +73,4 @@ install: build
 	meson install -C $(BUILD)
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(ASAN_BUILD)
