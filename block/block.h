@@ -59,6 +59,8 @@ struct VdkOpenOptions {
     bool repair;  /* "repair": a corrupt image may be opened read-write to fix it */
     bool check;   /* "check": opened to be checked: inconsistencies the check
                    * reports do not refuse the open */
+    bool force_share; /* "force-share": read-only, no image locks checked or taken */
+    bool no_locking;  /* "locking"=off ("file.locking"): no image locks at all */
     GHashTable *extra; /* key -> value, driver options */
 };
 
@@ -97,6 +99,18 @@ VdkFile *vdk_file_open(const char *filename, bool read_only, VdkCacheMode cache,
 VdkFile *vdk_file_new_from_fd(int fd, const char *filename, bool read_only, VdkCacheMode cache,
                               GError **error);
 void vdk_file_close(VdkFile *f);
+/*
+ * Image locking, compatible with QEMU's: OFD locks on single bytes of the
+ * file, 100 + n for "uses permission n" and 200 + n for "does not share
+ * permission n" (n: 0 consistent read, 1 write, 3 resize).  A writer uses
+ * read, write and resize and shares neither write nor resize; a reader uses
+ * read and, unless it reads a raw image (@raw_reader), shares neither
+ * either, so it refuses to open while someone writes.  Conflicts give
+ * "image is in use by another process".
+ */
+bool vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error);
+/* Drop this file's image locks (before this process reopens it to write). */
+void vdk_file_unlock(VdkFile *f);
 /* Current length (BLKGETSIZE64 for devices), refreshed from the kernel. */
 bool vdk_file_refresh_size(VdkFile *f, GError **error);
 /* Bytes allocated on the host. */

@@ -42,6 +42,9 @@ same_file(const char *path, VdkNode *n)
     return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
 }
 
+/* This process holds @n read-only (reader locks) and now opens it to
+ * write: its reader locks go first so they do not count as another user's;
+ * the writable open then takes writer locks (and finds any other user). */
 static VdkImage *
 open_node_rw(VdkImage *img, VdkNode *n, GError **error)
 {
@@ -49,13 +52,31 @@ open_node_rw(VdkImage *img, VdkNode *n, GError **error)
     vdk_open_options_set_format(o, n->drv->name);
     vdk_open_options_set_read_only(o, false);
     o->cache = img->opts.cache;
+    o->no_locking = img->opts.no_locking;
     if (img->opts.engine && !vdk_open_options_set_engine(o, img->opts.engine, error)) {
         vdk_open_options_free(o);
         return NULL;
     }
+    bool relock = !img->opts.no_locking && !img->opts.force_share;
+    if (relock) {
+        vdk_file_unlock(n->file);
+    }
     VdkImage *r = vdk_image_open(n->filename, o, error);
     vdk_open_options_free(o);
+    if (!r && relock) {
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, NULL);
+    }
     return r;
+}
+
+/* The writable copy of @n is closed: @n's reader locks again. */
+static void
+close_node_rw(VdkImage *img, VdkNode *n, VdkImage *r, GError **error)
+{
+    (void)vdk_image_close(r, error);
+    if (!img->opts.no_locking && !img->opts.force_share) {
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, NULL);
+    }
 }
 
 bool
@@ -143,11 +164,12 @@ vdk_image_commit(VdkImage *img, const char *base_name, bool keep_overlay,
     }
     ok = true;
 out:
-    if (!vdk_image_close(bimg, ok ? &err : NULL) && ok) {
+    close_node_rw(img, base, bimg, ok ? &err : NULL);
+    if (err && ok) {
         g_set_error(error, VDK_ERROR, err->code, "closing the base image failed: %s", err->message);
-        g_error_free(err);
         ok = false;
     }
+    g_clear_error(&err);
     free(buf);
     if (!ok || keep_overlay) {
         return ok;

@@ -245,6 +245,112 @@ vdk_file_new_from_fd(int fd, const char *filename, bool read_only, VdkCacheMode 
     return f;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Image locks (QEMU's byte-range scheme)                                    */
+/* ------------------------------------------------------------------------ */
+
+#define LOCK_PERM_BASE 100
+#define LOCK_SHARED_BASE 200
+enum { PERM_READ = 0, PERM_WRITE = 1, PERM_RESIZE = 3 };
+
+static const char *
+perm_name(int bit)
+{
+    switch (bit) {
+    case PERM_READ:
+        return "consistent read";
+    case PERM_WRITE:
+        return "write";
+    case PERM_RESIZE:
+        return "resize";
+    default:
+        return "?";
+    }
+}
+
+static int
+ofd_lock(int fd, off_t byte)
+{
+    struct flock fl = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1};
+    return fcntl(fd, F_OFD_SETLK, &fl) == 0 ? 0 : -errno;
+}
+
+/* 1: another open file holds @byte, 0: free, -errno */
+static int
+ofd_held(int fd, off_t byte)
+{
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = byte, .l_len = 1};
+    if (fcntl(fd, F_OFD_GETLK, &fl) != 0) {
+        return -errno;
+    }
+    return fl.l_type != F_UNLCK;
+}
+
+bool
+vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
+{
+    /* QEMU's choices: a writer uses read, write and resize and shares
+     * neither write nor resize (what a guest device asks); a reader through
+     * a format (qcow2, vmdk ...) uses read and shares neither either, since
+     * metadata changing under it would be misread; a raw reader shares all. */
+    static const int use_w[] = {PERM_READ, PERM_WRITE, PERM_RESIZE};
+    static const int unshare_w[] = {PERM_WRITE, PERM_RESIZE};
+    static const int use_r[] = {PERM_READ};
+    const int *use = write ? use_w : use_r;
+    int nuse = write ? 3 : 1;
+    const int *unshare = unshare_w;
+    int nunshare = raw_reader && !write ? 0 : 2;
+    /* Someone who does not share what we use, or who uses what we do not
+     * share: in use.  (Checked before and after taking ours, so two
+     * openers racing both see each other.) */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < nuse + nunshare; i++) {
+            bool is_use = i < nuse;
+            int bit = is_use ? use[i] : unshare[i - nuse];
+            off_t byte = (is_use ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + bit;
+            int r = ofd_held(f->fd, byte);
+            if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
+                return true; /* no OFD locks here (old kernel, some network file systems) */
+            }
+            if (r < 0) {
+                g_set_error(error, VDK_ERROR, -r, "cannot test the image lock: %s", g_strerror(-r));
+                return false;
+            }
+            if (r > 0) {
+                g_set_error(error, VDK_ERROR, EAGAIN,
+                            "image is in use by another process (failed to get %s\"%s\" lock; -U reads it "
+                            "anyway, at the risk of seeing it change)",
+                            is_use ? "" : "shared ", perm_name(bit));
+                return false;
+            }
+        }
+        if (pass == 1) {
+            break;
+        }
+        for (int i = 0; i < nuse + nunshare; i++) {
+            bool is_use = i < nuse;
+            int bit = is_use ? use[i] : unshare[i - nuse];
+            int r = ofd_lock(f->fd, (is_use ? LOCK_PERM_BASE : LOCK_SHARED_BASE) + bit);
+            if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
+                return true;
+            }
+            if (r < 0) {
+                g_set_error(error, VDK_ERROR, -r, "cannot take the image lock: %s", g_strerror(-r));
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+void
+vdk_file_unlock(VdkFile *f)
+{
+    struct flock fl = {.l_type = F_UNLCK, .l_whence = SEEK_SET, .l_start = LOCK_PERM_BASE,
+                       .l_len = LOCK_SHARED_BASE + 8 - LOCK_PERM_BASE};
+    (void)fcntl(f->fd, F_OFD_SETLK, &fl);
+}
+
 void
 vdk_file_close(VdkFile *f)
 {

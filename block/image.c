@@ -87,6 +87,14 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
         o->check = strcmp(value, "off") != 0;
         return;
     }
+    if (strcmp(key, "force-share") == 0) {
+        o->force_share = strcmp(value, "off") != 0;
+        return;
+    }
+    if (strcmp(key, "locking") == 0 || strcmp(key, "file.locking") == 0) {
+        o->no_locking = strcmp(value, "off") == 0;
+        return;
+    }
     g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
 }
 
@@ -298,6 +306,12 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
         }
     }
 
+    /* locked once the format is known (a raw reader shares writes, as in qemu) */
+    if (!img->opts.force_share && !img->opts.no_locking &&
+        !vdk_file_lock(n->file, !read_only, n->drv == &vdk_format_raw, error)) {
+        node_free(n);
+        return NULL;
+    }
     if (!n->drv->open(n, error)) {
         node_free(n);
         return NULL;
@@ -390,7 +404,14 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.engine = g_strdup(opts->engine);
     img->opts.repair = opts->repair;
     img->opts.check = opts->check;
+    img->opts.force_share = opts->force_share;
+    img->opts.no_locking = opts->no_locking;
     img->opts.extra = g_hash_table_ref(opts->extra);
+    if (img->opts.force_share && !img->opts.read_only) {
+        g_set_error(error, VDK_ERROR, EINVAL, "force-share=on can only be used with read-only images");
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
     vdk_open_options_free(defaults);
 
     img->engine = vdk_io_engine_select(img->opts.engine, &img->engine_reason, error);

@@ -452,6 +452,11 @@ open_extents(Vmdk *s, GError **error)
         }
         GError *ferr = NULL;
         e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, &ferr);
+        if (e->file && !n->img->opts.force_share && !n->img->opts.no_locking &&
+            !vdk_file_lock(e->file, !e->read_only, false, &ferr)) {
+            vdk_file_close(e->file);
+            e->file = NULL;
+        }
         if (!e->file) {
             g_set_error(error, VDK_ERROR, ferr->code, "vmdk: extent file '%s': %s", path, ferr->message);
             g_error_free(ferr);

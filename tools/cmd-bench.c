@@ -283,6 +283,7 @@ cmd_bench(int argc, char **argv)
             }
             break;
         case 'U':
+            o.force_share = true;
             break;
         case 'I':
             o.image_opts = true;

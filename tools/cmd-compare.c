@@ -139,6 +139,7 @@ cmd_compare(int argc, char **argv)
             o1.parent = optarg;
             break;
         case 'U':
+            o1.force_share = o2.force_share = true;
             break;
         case 'I':
             o1.image_opts = o2.image_opts = true;

@@ -89,6 +89,7 @@ cmd_convert(int argc, char **argv)
     const char *cache = "writeback";
     const char *src_cache = "writeback";
     const char *src_parent = NULL;
+    bool src_force_share = false;
     const char *aio = NULL;
     const char *backing = NULL;
     const char *backing_fmt = NULL;
@@ -198,6 +199,7 @@ cmd_convert(int argc, char **argv)
             src_parent = optarg;
             break;
         case 'U':
+            src_force_share = true;
             break;
         case 'l':
             snapshot_param = optarg;
@@ -255,7 +257,8 @@ cmd_convert(int argc, char **argv)
                    .cache = src_cache,
                    .aio = aio,
                    .image_opts = src_image_opts,
-                   .parent = src_parent};
+                   .parent = src_parent,
+                   .force_share = src_force_share};
     if (src_parent && nsrc > 1) {
         tool_error(NULL, "-b names the parent of one differencing vdi source; with several sources use "
                          "--image-opts driver=vdi,file.filename=CHILD,parent=PARENT");

@@ -625,6 +625,8 @@ cmd_io(int argc, char **argv)
             o.parent = optarg;
             break;
         case 'U':
+            o.force_share = true;
+            break;
         case 'C':
         case 'm':
             break;

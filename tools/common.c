@@ -93,6 +93,9 @@ tool_open_gerror(const char *filename, const ToolOpen *o, GError **error)
     if (o->parent) {
         vdk_open_options_set(opts, "parent", o->parent);
     }
+    if (o->force_share) {
+        vdk_open_options_set(opts, "force-share", "on");
+    }
     VdkImage *img = vdk_image_open(filename, opts, error);
     vdk_open_options_free(opts);
     if (!img && o->parent && error && *error && strstr((*error)->message, "unknown open option 'parent'")) {

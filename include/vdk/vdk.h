@@ -120,6 +120,13 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
  * on an image marked corrupt, to repair it; ("check", "on") opens an image
  * for vdk_image_check(): metadata the check reports (invalid refcount table
  * entries) does not refuse the open.
+ *
+ * Image locking: every file of the image is locked the way QEMU locks it
+ * (OFD locks on bytes 100.. and 200.. of the file), so a vdk writer and a
+ * QEMU or qemu-img writer see each other; a conflict fails the open with
+ * EAGAIN and "image is in use by another process".  ("force-share", "on")
+ * opens a read-only image without checking or taking locks (qemu-img -U);
+ * ("locking", "off") (also "file.locking") takes none at all.
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Image locking against QEMU's: the same OFD byte locks, so a vdk writer
+and a qemu writer see each other.
+
+A holder keeps the image open (qemu-io with a long `sleep`, or vdk io
+reading commands from a pipe that stays open); meanwhile the other tool
+must refuse what QEMU refuses (a second writer; a reader without -U while
+someone writes) and allow the rest (readers side by side; -U; a writer
+after the holder is gone).  The lock bytes vdk takes are the ones qemu
+takes (/proc/locks).  Engines do not matter here (locks are on the file)."""
+
+import os
+import subprocess
+import time
+
+from vdktest import QEMU_IO, VDK, Suite, expect, expect_eq, expect_rc, main
+
+suite = Suite('locking')
+
+MSG = 'image is in use by another process'
+
+
+class Holder:
+    """A process that holds an image open until stopped."""
+
+    def __init__(self, t, tool, img, read_only=False, fmt='qcow2'):
+        self.t = t
+        if tool == 'qemu':
+            args = [QEMU_IO, '-f', fmt] + (['-r'] if read_only else []) + ['-c', 'sleep 20000', img]
+            self.p = subprocess.Popen(args, cwd=t.dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+        else:
+            args = [VDK, 'io', '-f', fmt] + (['-r'] if read_only else []) + [img]
+            self.p = subprocess.Popen(args, cwd=t.dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+        self.ino = os.stat(t.path(img)).st_ino
+        deadline = time.monotonic() + 10
+        while not self.locks() and time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise AssertionError('the holder exited: %s' % self.p.stderr.read().decode())
+            time.sleep(0.05)
+        expect(self.locks(), '%s holds locks on %s' % (tool, img))
+
+    def locks(self):
+        """Byte ranges locked on the image file (from /proc/locks)."""
+        out = []
+        with open('/proc/locks') as f:
+            for line in f:
+                p = line.split()
+                if 'OFDLCK' in p and p[-3].endswith(':%d' % self.ino):
+                    out.append((int(p[-2]), int(p[-1])))
+        return sorted(out)
+
+    def stop(self):
+        if self.p.stdin:
+            self.p.stdin.close()
+        else:
+            self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def lock_bytes(ranges):
+    return sorted(b for a, z in ranges for b in range(a, z + 1))
+
+
+def t_same_bytes(t, fmt):
+    """vdk takes exactly the bytes qemu takes, as writer and as reader
+    (raw writers aside: qemu-io shares writes to a raw image, vdk does not,
+    like a guest device)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', fmt, 'a.img', '1M'), 0)
+    for ro in (False, True):
+        h = Holder(t, 'qemu', 'a.img', ro, fmt=fmt)
+        q = lock_bytes(h.locks())
+        h.stop()
+        h = Holder(t, 'vdk', 'a.img', ro, fmt=fmt)
+        v = lock_bytes(h.locks())
+        h.stop()
+        if fmt == 'raw' and not ro:
+            expect_eq(q, [100, 101], 'qemu-io as a raw writer')
+            expect_eq(v, [100, 101, 103, 201, 203], 'vdk as a raw writer')
+        else:
+            expect_eq(v, q, 'lock bytes of a %s' % ('reader' if ro else 'writer'))
+        if ro:
+            expect_eq(v, [100] if fmt == 'raw' else [100, 201, 203], 'a reader\'s lock bytes')
+
+
+def t_qemu_holds(t, fmt):
+    """qemu-io writing: vdk refuses to write or to read without -U."""
+    expect_rc(t.qemu_img('create', '-q', '-f', fmt, 'a.img', '1M'), 0)
+    h = Holder(t, 'qemu', 'a.img', fmt=fmt)
+    try:
+        res = t.vdk('io', '-f', fmt, '-c', 'write 0 512', 'a.img')
+        expect(res.rc == 1 and MSG in res.err and res.err.count('\n') == 1, 'vdk io (write) refused', res)
+        expect(res.err.startswith('vdk: a.img: '), 'error names the file', res)
+        if fmt != 'raw':
+            # (qemu-io shares writes to a raw image: readers may open it)
+            res = t.vdk('info', '-f', fmt, 'a.img')
+            expect(res.rc == 1 and MSG in res.err and 'shared "write"' in res.err, 'vdk info refused', res)
+            res = t.vdk('convert', '-f', fmt, '-O', 'raw', 'a.img', 'out.raw')
+            expect(res.rc == 1 and MSG in res.err, 'vdk convert refused', res)
+        for args in (['info', '-U'], ['map', '-U'], ['check', '-U'], ['convert', '-U', '-O', 'raw'],
+                     ['compare', '-U'], ['io', '-r', '-U', '-c', 'read 0 512']):
+            if args[0] == 'check' and fmt == 'raw':
+                continue
+            tail = ['a.img', 'out.raw'] if args[0] == 'convert' else ['a.img', 'a.img'] if args[0] == 'compare' \
+                else ['a.img']
+            res = t.vdk(args[0], '-f', fmt, *args[1:], *tail)
+            expect_rc(res, 0, 'vdk %s with -U while qemu writes' % ' '.join(args))
+        res = t.vdk('io', '-U', '-c', 'write 0 512', '-f', fmt, 'a.img')
+        expect(res.rc == 1 and 'read-only' in res.err, '-U with a writable open refused', res)
+    finally:
+        h.stop()
+    res = t.vdk('io', '-f', fmt, '-c', 'write 0 512', 'a.img')
+    expect_rc(res, 0, 'vdk io writes once qemu has gone')
+
+
+def t_vdk_holds(t):
+    """vdk io writing: qemu-io and qemu-img refuse, -U reads, a second vdk
+    writer is refused too."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'a.qcow2', '1M'), 0)
+    h = Holder(t, 'vdk', 'a.qcow2')
+    try:
+        res = t.qemu_io_raw('a.qcow2', ['read 0 512'], fmt='qcow2')
+        expect(res.rc != 0 and 'Failed to get "write" lock' in res.out + res.err, 'qemu-io refused', res)
+        res = t.qemu_img('info', 'a.qcow2')
+        expect(res.rc != 0 and 'Failed to get shared "write" lock' in res.err, 'qemu-img info refused', res)
+        expect_rc(t.qemu_img('info', '-U', 'a.qcow2'), 0, 'qemu-img info -U')
+        res = t.vdk('io', '-c', 'write 0 512', 'a.qcow2')
+        expect(res.rc == 1 and MSG in res.err, 'a second vdk writer refused', res)
+        res = t.vdk('info', 'a.qcow2')
+        expect(res.rc == 1 and MSG in res.err, 'vdk info refused', res)
+        expect_rc(t.vdk('info', '-U', 'a.qcow2'), 0, 'vdk info -U')
+        res = t.vdk('info', '--image-opts', 'driver=qcow2,file.filename=a.qcow2,file.locking=off')
+        expect_rc(res, 0, 'file.locking=off')
+    finally:
+        h.stop()
+    expect_rc(t.qemu_img('check', 'a.qcow2'), 0, 'qemu-img check once vdk has gone')
+
+
+def t_readers(t):
+    """Readers side by side (vdk and qemu), and a writer is refused while
+    one of them reads (qemu's rule: readers do not share write)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'a.qcow2', '1M'), 0)
+    for tool in ('qemu', 'vdk'):
+        h = Holder(t, tool, 'a.qcow2', read_only=True)
+        try:
+            expect_rc(t.vdk('info', 'a.qcow2'), 0, 'vdk info while %s reads' % tool)
+            res = t.qemu_io_raw('a.qcow2', ['read 0 512'], fmt='qcow2', extra=['-r'])
+            expect_rc(res, 0, 'qemu-io -r while %s reads' % tool)
+            res = t.vdk('io', '-c', 'write 0 512', 'a.qcow2')
+            expect(res.rc == 1 and MSG in res.err, 'vdk writer refused while %s reads' % tool, res)
+            res = t.qemu_io_raw('a.qcow2', ['write 0 512'], fmt='qcow2')
+            expect(res.rc != 0 and 'lock' in res.out + res.err, 'qemu writer refused while %s reads' % tool, res)
+        finally:
+            h.stop()
+
+
+def t_backing(t):
+    """A backing file held by a qemu writer cannot be opened under an
+    overlay (it is opened read-only, and someone writes it)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'base.qcow2', '1M'), 0)
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'), 0)
+    h = Holder(t, 'qemu', 'base.qcow2')
+    try:
+        res = t.vdk('info', 'top.qcow2')
+        expect(res.rc == 1 and MSG in res.err and 'base.qcow2' in res.err, 'the backing file is in use', res)
+    finally:
+        h.stop()
+    expect_rc(t.vdk('info', 'top.qcow2'), 0, 'fine once the writer has gone')
+
+
+for f in ('qcow2', 'raw', 'vmdk'):
+    suite.add('same-lock-bytes-as-qemu/%s' % f, t_same_bytes, f)
+for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
+    suite.add('qemu-writer-blocks-vdk/%s' % f, t_qemu_holds, f)
+suite.add('vdk-writer-blocks-qemu', t_vdk_holds)
+suite.add('readers-side-by-side', t_readers)
+suite.add('backing-file-in-use', t_backing)
+
+if __name__ == '__main__':
+    main(suite)
