@@ -30,6 +30,7 @@ static const ToolCommand commands[] = {
     {"measure", cmd_measure, "calculate the file size a new image needs"},
     {"rebase", cmd_rebase, "change an image's backing file"},
     {"resize", cmd_resize, "change an image's virtual size"},
+    {"serve", cmd_serve, "export an image over NBD (like qemu-nbd)"},
     {"snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots"},
 };
 
