@@ -1383,10 +1383,14 @@ conn_on_readable(NbdConn *c)
             if (c->in_end == CONN_INBUF) {
                 break; /* full of requests we may not take yet */
             }
-            n = recv(c->fd, c->in + c->in_end, CONN_INBUF - c->in_end, 0);
+            size_t room = CONN_INBUF - c->in_end;
+            n = recv(c->fd, c->in + c->in_end, room, 0);
             if (n > 0) {
                 c->in_end += (size_t)n;
                 conn_process(c);
+                if ((size_t)n < room) {
+                    break; /* drained: save the recv that would say EAGAIN */
+                }
                 continue;
             }
         }
@@ -1576,8 +1580,11 @@ server_reap(VdkNbdServer *s)
 {
     VdkCompletion comp[256];
     int n;
-    while ((n = vdk_queue_reap(s->q, comp, G_N_ELEMENTS(comp))) > 0) {
-        s->queue_full = false;
+    do {
+        n = vdk_queue_reap(s->q, comp, G_N_ELEMENTS(comp));
+        if (n > 0) {
+            s->queue_full = false;
+        }
         for (int i = 0; i < n; i++) {
             req_complete((NbdReq *)(uintptr_t)comp[i].user_data, comp[i].result);
         }
@@ -1589,7 +1596,7 @@ server_reap(VdkNbdServer *s)
             }
             req_issue(r);
         }
-    }
+    } while (n == (int)G_N_ELEMENTS(comp)); /* a short harvest emptied the queue */
 }
 
 /* ------------------------------------------------------------------------ */
