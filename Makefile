@@ -6,7 +6,7 @@ MESON_OPTS ?= -Dwerror=true -Dbuildtype=debugoptimized
 
 # Debian packages needed to build and test (see README "Dependencies").
 PACKAGES = build-essential meson ninja-build pkg-config python3 \
-	libglib2.0-dev liburing-dev libaio-dev zlib1g-dev libzstd-dev libdeflate-dev \
+	libglib2.0-dev liburing-dev libaio-dev zlib1g-dev libzstd-dev libdeflate-dev libssl-dev \
 	qemu-utils fio e2fsprogs util-linux strace \
 	python3-vmdkstream python3-libvmdk libvmdk-utils clang libclang-rt-14-dev
 

@@ -35,6 +35,15 @@ typedef struct VdkChild VdkChild;
 typedef struct VdkOptionDesc VdkOptionDesc;
 typedef struct VdkInfo VdkInfo;
 typedef struct VdkCheckResult VdkCheckResult;
+typedef struct VdkCipher VdkCipher;
+
+/* An encrypted node's data cipher (block/crypt-io.c). */
+typedef struct VdkNodeCrypt {
+    VdkCipher *cipher; /* owned */
+    bool host_iv;      /* IVs count host sectors (qcow2 LUKS), else guest sectors */
+    GMutex lock;
+    GThreadPool *pool; /* cipher workers, created at first use */
+} VdkNodeCrypt;
 
 /* Requests larger than this are refused with -EINVAL (NBD's and virtio's
  * usual limits are far below; it bounds bounce-buffer allocations). */
@@ -61,8 +70,14 @@ struct VdkOpenOptions {
                    * reports do not refuse the open */
     bool force_share; /* "force-share": read-only, no image locks checked or taken */
     bool no_locking;  /* "locking"=off ("file.locking"): no image locks at all */
+    bool no_io;       /* "no-io": only metadata is looked at (info): an
+                       * encrypted image opens without its key */
     GHashTable *extra; /* key -> value, driver options */
+    GHashTable *secrets; /* secret id -> GBytes (passphrases; never logged) */
 };
+
+/* The secret named @id in @secrets (NULL table or unknown id: NULL). */
+GBytes *vdk_secret_lookup(GHashTable *secrets, const char *id);
 
 const char *vdk_cache_mode_name(VdkCacheMode mode);
 bool vdk_cache_mode_parse(const char *s, VdkCacheMode *out, GError **error);
@@ -226,6 +241,7 @@ struct VdkCreateOptions {
     GPtrArray *order;   /* keys in the order given, for the "Formatting" line */
     bool overwrite;
     bool no_backing_open; /* qemu-img create -u */
+    GHashTable *secrets;  /* secret id -> GBytes (encrypt.key-secret) */
 };
 /* Where a backing name recorded in @image points: absolute names as they
  * are, relative ones joined textually to @image's directory (as qemu). */
@@ -273,6 +289,7 @@ enum {
 
 struct VdkInfo {
     uint64_t cluster_size; /* 0: none */
+    bool encrypted;
     bool dirty;
     char *backing_filename;
     char *backing_format;
@@ -407,6 +424,9 @@ struct VdkNode {
     bool probed_raw;
     uint8_t sector0[512];
     GMutex lock; /* driver metadata; never held across I/O */
+    /* encrypted data (set by the driver at open; see crypt-io.c) */
+    VdkNodeCrypt *crypt;
+    bool crypt_locked; /* encrypted, opened without its key: no data I/O */
 };
 
 struct VdkImage {
@@ -549,6 +569,26 @@ void vdk_request_resume(VdkRequest *r, VdkQueue *cur);
 void vdk_request_child_done(VdkRequest *r);
 /* Copy @len bytes of @r's buffers, from guest offset @off, into @buf. */
 void vdk_req_copy_out(VdkRequest *r, uint64_t off, void *buf, uint64_t len);
+/* Copy between a buffer and an iovec array (from its start). */
+void vdk_iov_copy_in(const struct iovec *iov, int cnt, const void *buf, uint64_t len);
+void vdk_iov_copy_out(const struct iovec *iov, int cnt, void *buf, uint64_t len);
+
+/* Encrypted nodes (crypt-io.c): the node's cipher takes ownership of
+ * @cipher.  Free only with no I/O in flight. */
+VdkNodeCrypt *vdk_node_crypt_new(VdkCipher *cipher, bool host_iv);
+void vdk_node_crypt_free(VdkNodeCrypt *nc);
+/* Like vdk_req_file_rw for an encrypted node's data: decrypt after reading
+ * (any alignment), encrypt before writing (whole sectors); the cipher work
+ * runs on the node's pool. */
+void vdk_crypt_read(VdkRequest *r, VdkFile *f, uint64_t host_off, uint64_t guest_off, const struct iovec *iov, int iovcnt,
+                    uint64_t len);
+void vdk_crypt_write(VdkRequest *r, VdkFile *f, uint64_t host_off, uint64_t guest_off, const struct iovec *iov, int iovcnt,
+                     uint64_t len, uint32_t flags);
+/* A write to an encrypted node that does not cover whole sectors: done by
+ * read-merge-write of whole sectors (returns true, the request is handed
+ * over); false: nothing to do here. */
+bool vdk_crypt_write_unaligned(VdkRequest *r);
+
 /* A shared, aligned, read-only buffer of zeroes and its length. */
 const void *vdk_zero_buffer(size_t *len);
 

@@ -74,6 +74,9 @@ vdk_create_options_free(VdkCreateOptions *o)
     }
     g_hash_table_unref(o->kv);
     g_ptr_array_unref(o->order);
+    if (o->secrets) {
+        g_hash_table_unref(o->secrets);
+    }
     g_free(o);
 }
 

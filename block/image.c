@@ -39,7 +39,37 @@ vdk_open_options_free(VdkOpenOptions *o)
     g_free(o->format);
     g_free(o->engine);
     g_hash_table_unref(o->extra);
+    if (o->secrets) {
+        g_hash_table_unref(o->secrets);
+    }
     g_free(o);
+}
+
+static GHashTable *
+secrets_table(GHashTable **t)
+{
+    if (!*t) {
+        *t = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)g_bytes_unref);
+    }
+    return *t;
+}
+
+void
+vdk_open_options_set_secret(VdkOpenOptions *o, const char *id, const void *data, size_t len)
+{
+    g_hash_table_replace(secrets_table(&o->secrets), g_strdup(id), g_bytes_new(data, len));
+}
+
+void
+vdk_create_options_set_secret(VdkCreateOptions *o, const char *id, const void *data, size_t len)
+{
+    g_hash_table_replace(secrets_table(&o->secrets), g_strdup(id), g_bytes_new(data, len));
+}
+
+GBytes *
+vdk_secret_lookup(GHashTable *secrets, const char *id)
+{
+    return secrets && id ? g_hash_table_lookup(secrets, id) : NULL;
 }
 
 void
@@ -93,6 +123,10 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
     }
     if (strcmp(key, "locking") == 0 || strcmp(key, "file.locking") == 0) {
         o->no_locking = strcmp(value, "off") == 0;
+        return;
+    }
+    if (strcmp(key, "no-io") == 0) {
+        o->no_io = strcmp(value, "off") != 0;
         return;
     }
     g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
@@ -407,6 +441,8 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.force_share = opts->force_share;
     img->opts.no_locking = opts->no_locking;
     img->opts.extra = g_hash_table_ref(opts->extra);
+    img->opts.no_io = opts->no_io;
+    img->opts.secrets = opts->secrets ? g_hash_table_ref(opts->secrets) : NULL;
     if (img->opts.force_share && !img->opts.read_only) {
         g_set_error(error, VDK_ERROR, EINVAL, "force-share=on can only be used with read-only images");
         vdk_image_close(img, NULL);
@@ -468,6 +504,9 @@ vdk_image_close(VdkImage *img, GError **error)
     g_free(img->opts.engine);
     if (img->opts.extra) {
         g_hash_table_unref(img->opts.extra);
+    }
+    if (img->opts.secrets) {
+        g_hash_table_unref(img->opts.secrets);
     }
     g_free(img->engine_reason);
     g_mutex_clear(&img->sync_lock);

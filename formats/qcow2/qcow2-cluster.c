@@ -431,6 +431,9 @@ has_old_content(Qcow2 *s, uint64_t e, uint64_t bm, bool extl2_whole_cluster)
     if (e & QCOW2_OFLAG_COMPRESSED) {
         return true;
     }
+    if (s->node->crypt) {
+        return true; /* encrypted: zeroes on disk do not decrypt to zeroes */
+    }
     if (s->node->backing) {
         return true; /* unallocated parts read from the backing file */
     }

@@ -10,9 +10,9 @@
  * clusters; compressed clusters (deflate and zstd) for reading and
  * whole-cluster writing; extended L2 entries (subclusters); backing files
  * of any format; lazy refcounts with repair of a dirty image on the next
- * read-write open; the corrupt bit.  Not supported (refused at open with
- * the feature's name): external data files, encryption (AES, LUKS),
- * unknown incompatible features.
+ * read-write open; the corrupt bit; LUKS encryption (qcow2-crypto.c).
+ * Not supported (refused at open with the feature's name): external data
+ * files, the legacy AES encryption, unknown incompatible features.
  *
  * Files: qcow2-cluster.c maps guest ranges (reads, allocating writes,
  * zeroes, discard); qcow2-refcount.c allocates and counts host clusters;
@@ -479,11 +479,7 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
                     "image with qemu-img convert first");
         return false;
     }
-    if (s->crypt_method == 2) {
-        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: LUKS-encrypted images are not supported yet");
-        return false;
-    }
-    if (s->crypt_method != 0) {
+    if (s->crypt_method > 2) {
         g_set_error(error, VDK_ERROR, EINVAL, "qcow2: crypt_method %u is invalid", s->crypt_method);
         return false;
     }
@@ -630,8 +626,18 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
             s->has_bitmaps = true;
             break;
         case QCOW2_EXT_CRYPTO:
-            g_set_error(error, VDK_ERROR, EINVAL, "qcow2: encryption header extension in an unencrypted image");
-            return false;
+            if (s->crypt_method != 2) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: encryption header extension in an unencrypted image");
+                return false;
+            }
+            if (len != 16) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: crypto header extension length %u is invalid (16)", len);
+                return false;
+            }
+            s->has_crypt_ext = true;
+            s->crypt_ext_off = qbe64(data);
+            s->crypt_ext_len = qbe64(data + 8);
+            break;
         case QCOW2_EXT_DATA_FILE:
             g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: external data files are not supported");
             return false;
@@ -654,6 +660,10 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
         n->backing_fmt = NULL;
     }
     s->hdr_used = MIN((uint32_t)vdk_align_up(s->hdr_used, 512), s->cluster_size);
+
+    if (s->crypt_method == 2 && !qcow2_crypto_open(n, s, error)) {
+        return false;
+    }
 
     /* tables */
     if (!read_table(s, s->l1_offset, s->l1_size, &s->l1, "L1 table", error)) {
@@ -720,6 +730,7 @@ qcow2_free_state(Qcow2 *s)
     if (s->comp_pool) {
         g_thread_pool_free(s->comp_pool, FALSE, TRUE); /* idle: nothing in flight */
     }
+    qcow2_crypto_close(s);
     vdk_mc_free(s->l2c);
     vdk_mc_free(s->rc);
     if (s->refblocks) {
@@ -822,6 +833,7 @@ qcow2_info(VdkNode *n, VdkInfo *info)
 {
     Qcow2 *s = n->opaque;
     info->cluster_size = s->cluster_size;
+    info->encrypted = s->crypt_method != 0;
     info->dirty = (s->incompatible & QCOW2_INCOMPAT_DIRTY) != 0;
     info->backing_filename = g_strdup(n->backing_name);
     info->backing_format = g_strdup(n->backing_fmt);
@@ -833,26 +845,43 @@ qcow2_info(VdkNode *n, VdkInfo *info)
                                "{\n                \"compat\": \"%s\",\n"
                                "                \"compression-type\": \"%s\",\n"
                                "                \"lazy-refcounts\": %s,\n"
-                               "                \"refcount-bits\": %u,\n"
+                               "                \"refcount-bits\": %u,\n",
+                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false",
+                               s->refcount_bits);
+        GPtrArray *el = g_ptr_array_new_with_free_func(g_free);
+        if (s->crypto) {
+            g_string_append(j, "                \"encrypt\": ");
+            qcow2_crypto_info(s, j, el);
+            g_string_append(j, ",\n");
+        }
+        g_string_append_printf(j,
                                "                \"corrupt\": %s,\n"
                                "                \"extended-l2\": %s\n            }",
-                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false",
-                               s->refcount_bits, s->corrupt ? "true" : "false", s->extl2 ? "true" : "false");
+                               s->corrupt ? "true" : "false", s->extl2 ? "true" : "false");
         g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
         g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
         g_ptr_array_add(l, g_strdup_printf("lazy refcounts: %s", s->lazy_refcounts ? "true" : "false"));
         g_ptr_array_add(l, g_strdup_printf("refcount bits: %u", s->refcount_bits));
+        for (guint i = 0; i < el->len; i++) {
+            g_ptr_array_add(l, g_strdup(el->pdata[i]));
+        }
+        g_ptr_array_unref(el);
         g_ptr_array_add(l, g_strdup_printf("corrupt: %s", s->corrupt ? "true" : "false"));
         g_ptr_array_add(l, g_strdup_printf("extended l2: %s", s->extl2 ? "true" : "false"));
     } else {
         g_string_append_printf(j,
                                "{\n                \"compat\": \"%s\",\n"
                                "                \"compression-type\": \"%s\",\n"
-                               "                \"refcount-bits\": %u\n            }",
+                               "                \"refcount-bits\": %u",
                                compat, compression_name(s->compression_type), s->refcount_bits);
         g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
         g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
         g_ptr_array_add(l, g_strdup_printf("refcount bits: %u", s->refcount_bits));
+        if (s->crypto) {
+            g_string_append(j, ",\n                \"encrypt\": ");
+            qcow2_crypto_info(s, j, l);
+        }
+        g_string_append(j, "\n            }");
     }
     info->specific_json = j;
     info->specific_lines = l;
@@ -865,6 +894,8 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"snapshot.id", VDK_OPT_STRING, "Open this internal snapshot (by ID), read-only", NULL, false},
     {"snapshot.name", VDK_OPT_STRING, "Open this internal snapshot (by name), read-only", NULL, false},
     {"snapshot", VDK_OPT_STRING, "Open this internal snapshot (by ID, else name), read-only", NULL, false},
+    {"encrypt.key-secret", VDK_OPT_STRING, "ID of the secret (--object secret) holding the LUKS passphrase", NULL,
+     false},
     {NULL, 0, NULL, NULL, false},
 };
 

@@ -80,6 +80,7 @@ typedef struct Qcow2Snapshot {
 } Qcow2Snapshot;
 
 typedef struct Qcow2Alloc Qcow2Alloc;
+typedef struct Qcow2Crypto Qcow2Crypto;
 
 /* Compression of one cluster for a compressed write, run on the pool. */
 typedef struct Qcow2 Qcow2;
@@ -144,6 +145,10 @@ struct Qcow2 {
     uint64_t coffset_mask;
     bool lazy_refcounts;
     bool has_bitmaps;
+    /* LUKS (crypt_method 2): the crypto header extension and the volume */
+    bool has_crypt_ext;
+    uint64_t crypt_ext_off, crypt_ext_len;
+    Qcow2Crypto *crypto;
 
     /* tables */
     uint64_t *l1;             /* host order */
@@ -350,6 +355,15 @@ bool qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error
 bool qcow2_amend(VdkNode *n, GHashTable *kv, GError **error);
 /* Rebuild refcounts from the L1/L2 tables (lazy-refcount repair). */
 bool qcow2_repair_refcounts(Qcow2 *s, GError **error);
+
+/* qcow2-crypto.c */
+bool qcow2_crypto_open(VdkNode *n, Qcow2 *s, GError **error);
+void qcow2_crypto_close(Qcow2 *s);
+void qcow2_crypto_info(Qcow2 *s, GString *json, GPtrArray *lines);
+/* The LUKS header area a create asks for (none: *region NULL). */
+bool qcow2_crypto_create_region(const VdkCreateOptions *o, uint8_t **region, size_t *len, GError **error);
+bool qcow2_crypto_amend_wanted(GHashTable *kv);
+bool qcow2_crypto_amend(VdkNode *n, GHashTable *kv, GError **error);
 
 /* qcow2-resize */
 bool qcow2_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);

@@ -130,6 +130,14 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 
+/**
+ * vdk_open_options_set_secret: a secret (a passphrase: @len bytes, copied)
+ * under the name @id, as qemu's --object secret,id=ID: the open option
+ * "encrypt.key-secret" names the one that unlocks a LUKS-encrypted qcow2
+ * image ("backing.encrypt.key-secret" for its backing file, and so on).
+ */
+VDK_API void vdk_open_options_set_secret(VdkOpenOptions *opts, const char *id, const void *data, size_t len);
+
 /* ------------------------------------------------------------------------ */
 /* Images                                                                    */
 /* ------------------------------------------------------------------------ */
@@ -333,6 +341,8 @@ VDK_API bool vdk_create_options_set(VdkCreateOptions *opts, const char *key, con
                                     GError **error);
 /** Overwrite an existing regular file (default: refuse with EEXIST). */
 VDK_API void vdk_create_options_set_overwrite(VdkCreateOptions *opts, bool overwrite);
+/** vdk_create_options_set_secret: a secret for encrypt.key-secret=@id (qcow2 LUKS). */
+VDK_API void vdk_create_options_set_secret(VdkCreateOptions *opts, const char *id, const void *data, size_t len);
 /**
  * Open the backing file while creating (default true): it must exist, its
  * format (backing_fmt) is checked and its size is the image size when no
