@@ -532,6 +532,16 @@ vdk_luks_kill_slot(VdkLuks *h, uint8_t *region, size_t region_len, int slot)
     memset(sl->salt, 0, sizeof(sl->salt));
 }
 
+uint64_t
+vdk_luks_region_bytes(uint32_t key_bytes)
+{
+    VdkLuks h = {.key_bytes = key_bytes};
+    uint64_t km_sectors = vdk_luks_km_bytes(&h) / VDK_LUKS_SECTOR;
+    uint64_t align = 4096 / VDK_LUKS_SECTOR;
+    uint64_t step = (km_sectors + align - 1) / align * align;
+    return (align + VDK_LUKS_SLOTS * step) * VDK_LUKS_SECTOR;
+}
+
 bool
 vdk_luks_format(VdkLuks *h, uint32_t key_bytes, uint64_t iter_time_ms, const void *pass, size_t pass_len,
                 uint8_t **region_out, size_t *region_len_out, uint8_t *mk, GError **error)

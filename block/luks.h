@@ -76,6 +76,8 @@ bool vdk_luks_unlock(const VdkLuks *h, const uint8_t *region, size_t region_len,
  * The master key goes to @mk (64 bytes room). */
 bool vdk_luks_format(VdkLuks *h, uint32_t key_bytes, uint64_t iter_time_ms, const void *pass, size_t pass_len,
                      uint8_t **region, size_t *region_len, uint8_t *mk, GError **error);
+/* Bytes of header and key material vdk_luks_format() lays out. */
+uint64_t vdk_luks_region_bytes(uint32_t key_bytes);
 /* Put @pass into slot @slot (inactive) of an unlocked volume. */
 bool vdk_luks_set_slot(VdkLuks *h, uint8_t *region, size_t region_len, int slot, const uint8_t *mk,
                        const void *pass, size_t pass_len, uint64_t iter_time_ms, GError **error);

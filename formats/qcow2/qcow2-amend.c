@@ -216,6 +216,12 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
             g_set_error(error, VDK_ERROR, ENOTSUP, "Cannot downgrade an image with persistent bitmaps");
             return false;
         }
+        if (s->crypt_method) {
+            g_set_error(error, VDK_ERROR, ENOTSUP,
+                        "qcow2: downgrading an encrypted image is not supported (its zero clusters would have to "
+                        "be written encrypted)");
+            return false;
+        }
         if (s->nb_snapshots) {
             g_set_error(error, VDK_ERROR, ENOTSUP,
                         "qcow2: downgrading an image with internal snapshots is not supported yet");

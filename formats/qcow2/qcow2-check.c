@@ -364,6 +364,9 @@ count_references(Chk *c, bool with_refcount_structure)
         ref_range(c, s->reftable_offset, (uint64_t)s->reftable_clusters << s->cluster_bits);
     }
     scan_bitmaps(c);
+    if (s->has_crypt_ext && s->crypto) {
+        ref_range(c, s->crypt_ext_off, s->crypt_ext_len); /* LUKS header and key material */
+    }
     if (with_refcount_structure) {
         /* the blocks last: each must then be referenced exactly once */
         uint64_t disk_entries = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;

@@ -249,7 +249,11 @@ qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasur
     if (p.prealloc == VDK_PREALLOC_FULL || p.prealloc == VDK_PREALLOC_FALLOC) {
         required = vsize;
     }
-    uint64_t meta = cs;                      /* header */
+    uint64_t luks = 0;
+    if (!qcow2_crypto_measure(o, cs, &luks, error)) {
+        return false;
+    }
+    uint64_t meta = cs + luks;               /* header (and LUKS header area) */
     uint64_t nl2e = vdk_align_up(vsize / cs, per_l2);
     meta += nl2e * l2e;                      /* L2 tables */
     uint64_t nl1e = vdk_align_up(nl2e * l2e / cs, cs / 8);

@@ -299,6 +299,25 @@ qcow2_crypto_create_region(const VdkCreateOptions *o, uint8_t **region, size_t *
     return ok;
 }
 
+/* measure: the bytes the LUKS header area adds (0 without encryption) */
+bool
+qcow2_crypto_measure(const VdkCreateOptions *o, uint64_t cluster_size, uint64_t *bytes, GError **error)
+{
+    *bytes = 0;
+    const char *fmt = vdk_create_opt(o, "encrypt.format");
+    if (!fmt) {
+        return true;
+    }
+    if (strcmp(fmt, "luks") != 0) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: encrypt.format '%s' is not supported (luks is)", fmt);
+        return false;
+    }
+    const char *alg = vdk_create_opt(o, "encrypt.cipher-alg");
+    uint32_t key_bytes = alg && !strcmp(alg, "aes-128") ? 32 : 64;
+    *bytes = vdk_align_up(vdk_luks_region_bytes(key_bytes), cluster_size);
+    return true;
+}
+
 /* ------------------------------------------------------------------------ */
 /* amend: key slots                                                          */
 /* ------------------------------------------------------------------------ */

@@ -363,6 +363,7 @@ void qcow2_crypto_info(Qcow2 *s, GString *json, GPtrArray *lines);
 /* The LUKS header area a create asks for (none: *region NULL). */
 bool qcow2_crypto_create_region(const VdkCreateOptions *o, uint8_t **region, size_t *len, GError **error);
 bool qcow2_crypto_amend_wanted(GHashTable *kv);
+bool qcow2_crypto_measure(const VdkCreateOptions *o, uint64_t cluster_size, uint64_t *bytes, GError **error);
 bool qcow2_crypto_amend(VdkNode *n, GHashTable *kv, GError **error);
 
 /* qcow2-resize */
