@@ -709,8 +709,11 @@ request_step_rw(VdkRequest *r)
         int ret = VDK_NOT_COMPRESSIBLE;
         uint64_t limit = end - r->cursor;
         if (is_write && (r->flags & VDK_REQ_COMPRESS)) {
-            ret = n->drv->write_compressed ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
-                                           : -ENOTSUP;
+            /* compressed clusters are not encrypted (qemu writes them in
+             * plaintext): never store an encrypted image's data that way */
+            ret = n->drv->write_compressed && !n->crypt
+                      ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
+                      : -ENOTSUP;
             if (ret == VDK_NOT_COMPRESSIBLE && ext.len) {
                 /* only this unit goes uncompressed; the next ones are
                  * tried again */

@@ -383,6 +383,10 @@ cmd_convert(int argc, char **argv)
         }
         compress_unit = ci.cluster_size;
         vdk_info_clear(&ci);
+        if (dst->top->crypt) {
+            tool_error(NULL, "Compression and encryption not supported at the same time");
+            goto out;
+        }
         if (!compress_unit || !dst->top->drv->write_compressed) {
             tool_error(dst_name, "Compression not supported for this file format");
             goto out;

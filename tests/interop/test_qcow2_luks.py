@@ -330,6 +330,18 @@ def t_create_errors(t):
     info = json.loads(t.qemu_img('info', '--output=json', 'k.qcow2').out)
     expect_eq(info['format-specific']['data']['encrypt']['cipher-alg'], 'aes-128', 'cipher-alg')
 
+    # compression: qemu-img convert refuses it, qemu-io writes compressed
+    # clusters unencrypted; vdk reads those and never writes any
+    t.sparse('z.raw', 4 * MiB)
+    res = t.vdk('convert', '-c', '--object', SEC, '-O', 'qcow2', '-o', CREATE_OPTS, 'z.raw', 'zc.qcow2')
+    expect(res.rc == 1 and 'Compression and encryption not supported at the same time' in res.err,
+           'convert -c to an encrypted image refused', res)
+    expect(not os.path.exists(t.path('zc.qcow2')), 'no target left behind')
+    qemu_io(t, 'k.qcow2', ['write -c -P 0x41 2M 64k'])
+    vdk_io(t, 'k.qcow2', ['read -P 0x41 2M 64k', 'read -P 4 0 1M'])
+    res = t.vdk('io', '--object', SEC, '-c', 'write -c 3M 64k', '--image-opts', opts('k.qcow2'))
+    expect('write failed: Operation not supported' in res.out + res.err, 'vdk io write -c refused', res)
+
 
 def t_ops(t):
     """vdk check counts the LUKS header area (no leaks; -r never frees it),
