@@ -896,6 +896,7 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"snapshot", VDK_OPT_STRING, "Open this internal snapshot (by ID, else name), read-only", NULL, false},
     {"encrypt.key-secret", VDK_OPT_STRING, "ID of the secret (--object secret) holding the LUKS passphrase", NULL,
      false},
+    {"backing.encrypt.key-secret", VDK_OPT_STRING, "The same for an encrypted backing file", NULL, false},
     {NULL, 0, NULL, NULL, false},
 };
 

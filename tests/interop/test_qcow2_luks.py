@@ -382,6 +382,23 @@ def t_ops(t):
                            'read -P 0 127M 1M'])
 
 
+def t_backing(t):
+    """An overlay over an encrypted backing file: backing.encrypt.key-secret."""
+    qemu_create(t, 'b.qcow2')
+    qemu_io(t, 'b.qcow2', ['write -P 0x5a 0 64k'])
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 'ov.qcow2'), 0)
+    spec = 'driver=qcow2,file.filename=ov.qcow2,backing.encrypt.key-secret=sec0'
+    res = t.vdk_io_raw(spec, ['read -P 0x5a 0 64k', 'write -P 0x99 0 4k'], fmt=None, extra=['--object', SEC,
+                                                                                        '--image-opts'])
+    expect(res.rc == 0 and 'fail' not in res.out + res.err, 'vdk reads through and writes the overlay', res)
+    res = t.qemu_io_raw(spec, ['read -P 0x99 0 4k', 'read -P 0x5a 4k 60k'], fmt=None,
+                        extra=['--object', SEC, '--image-opts'])
+    expect(res.rc == 0 and 'fail' not in res.out + res.err, 'qemu reads the result', res)
+    res = t.vdk('io', '-c', 'read 0 1', 'ov.qcow2')
+    expect(res.rc == 1 and "cannot open backing file 'b.qcow2'" in res.err and 'encrypted' in res.err,
+           'no passphrase for the backing file: says so', res)
+
+
 suite.add_io('qcow2-luks/qemu-to-vdk', t_qemu_to_vdk)
 suite.add_io('qcow2-luks/vdk-to-qemu', t_vdk_to_qemu)
 suite.add('qcow2-luks/convert', t_convert)
@@ -391,6 +408,7 @@ suite.add('qcow2-luks/amend-keyslots', t_amend)
 suite.add('qcow2-luks/hostile-headers', t_hostile)
 suite.add('qcow2-luks/concurrent', t_concurrent)
 suite.add('qcow2-luks/create-errors', t_create_errors)
+suite.add('qcow2-luks/encrypted-backing', t_backing)
 suite.add('qcow2-luks/check-measure-compact-allocate', t_ops)
 
 if __name__ == '__main__':
