@@ -111,6 +111,7 @@ vdk_create_backing_probe(const VdkCreateOptions *o, const char *filename, uint64
     char *path = vdk_backing_path(filename, backing);
     VdkOpenOptions *bo = vdk_open_options_new();
     vdk_open_options_set_read_only(bo, true);
+    vdk_open_options_set(bo, "no-io", "on"); /* its size only: an encrypted one needs no passphrase */
     if (fmt) {
         vdk_open_options_set_format(bo, fmt);
     }

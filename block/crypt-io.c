@@ -66,6 +66,7 @@ vdk_node_crypt_new(VdkCipher *cipher, bool host_iv)
     VdkNodeCrypt *nc = g_new0(VdkNodeCrypt, 1);
     nc->cipher = cipher;
     nc->host_iv = host_iv;
+    g_mutex_init(&nc->lock);
     return nc;
 }
 
@@ -79,6 +80,7 @@ vdk_node_crypt_free(VdkNodeCrypt *nc)
         g_thread_pool_free(nc->pool, FALSE, TRUE);
     }
     vdk_cipher_free(nc->cipher);
+    g_mutex_clear(&nc->lock);
     g_free(nc);
 }
 

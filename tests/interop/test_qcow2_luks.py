@@ -401,6 +401,10 @@ def t_backing(t):
     res = t.vdk('io', '-c', 'read 0 1', 'ov.qcow2')
     expect(res.rc == 1 and "cannot open backing file 'b.qcow2'" in res.err and 'encrypted' in res.err,
            'no passphrase for the backing file: says so', res)
+    # creating an overlay reads the backing file's size only: no passphrase
+    res = t.vdk('create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 'ov2.qcow2')
+    expect_rc(res, 0, 'vdk create over an encrypted backing file')
+    expect_eq(t.vdk('info', 'ov2.qcow2').out, t.qemu_img('info', 'ov2.qcow2').out, 'overlay info vs qemu-img')
 
 
 suite.add_io('qcow2-luks/qemu-to-vdk', t_qemu_to_vdk)
