@@ -297,9 +297,9 @@ vdk_luks_parse(const uint8_t *b, size_t len, uint64_t region_len, VdkLuks *h, GE
         g_set_error(error, VDK_ERROR, EINVAL, "luks: key bytes %u is invalid for aes-xts (32 or 64)", h->key_bytes);
         return false;
     }
-    if (h->mk_digest_iter == 0 || h->mk_digest_iter > VDK_LUKS_MAX_ITERATIONS) {
+    if (h->mk_digest_iter == 0 || h->mk_digest_iter > VDK_LUKS_MAX_MK_ITERATIONS) {
         g_set_error(error, VDK_ERROR, EINVAL, "luks: master key digest iterations %u out of range (1 to %u)",
-                    h->mk_digest_iter, VDK_LUKS_MAX_ITERATIONS);
+                    h->mk_digest_iter, VDK_LUKS_MAX_MK_ITERATIONS);
         return false;
     }
     uint64_t region_sectors = MIN(region_len, (uint64_t)VDK_LUKS_MAX_REGION) / VDK_LUKS_SECTOR;
@@ -578,7 +578,8 @@ vdk_luks_format(VdkLuks *h, uint32_t key_bytes, uint64_t iter_time_ms, const voi
                uu[4], uu[5], uu[6], uu[7], uu[8], uu[9], uu[10], uu[11], uu[12], uu[13], uu[14], uu[15]);
     /* the digest costs an eighth of a slot's time (it is checked once per
      * slot tried) */
-    h->mk_digest_iter = bench_iterations(h->hash_spec, VDK_LUKS_DIGEST, MAX(iter_time_ms / 8, (uint64_t)1));
+    h->mk_digest_iter = MIN(bench_iterations(h->hash_spec, VDK_LUKS_DIGEST, MAX(iter_time_ms / 8, (uint64_t)1)),
+                            VDK_LUKS_MAX_MK_ITERATIONS);
     if (!vdk_luks_pbkdf2(h->hash_spec, mk, key_bytes, h->mk_digest_salt, VDK_LUKS_SALT, h->mk_digest_iter,
                          h->mk_digest, VDK_LUKS_DIGEST) ||
         !vdk_luks_set_slot(h, region, region_len, 0, mk, pass, pass_len, iter_time_ms, error)) {

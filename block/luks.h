@@ -25,6 +25,11 @@
  * (4.4M PBKDF2-SHA256 iterations per second); 50 million leaves five times
  * that for faster machines and bounds one slot to seconds, not hours. */
 #define VDK_LUKS_MAX_ITERATIONS 50000000u
+/* The master-key digest is computed once per active slot tried; qemu and
+ * cryptsetup give it a quarter to an eighth of a slot's time.  With both
+ * caps, a wrong passphrase against a hostile header with 8 active slots
+ * costs at most 8 x (50M + 12.5M) iterations: minutes, never hours. */
+#define VDK_LUKS_MAX_MK_ITERATIONS 12500000u
 /* The key-material area: 8 slots of 64-byte keys x 4000 stripes is about
  * 2 MiB; anything beyond 16 MiB is not a LUKS1 header qemu or cryptsetup
  * writes. */

@@ -169,7 +169,7 @@ test_format_unlock(void)
         {104, 4041, "payload offset 4041"},
         {108, 16, "key bytes 16"},
         {164, 0, "master key digest iterations 0"},
-        {164, VDK_LUKS_MAX_ITERATIONS + 1, "master key digest iterations"},
+        {164, VDK_LUKS_MAX_MK_ITERATIONS + 1, "master key digest iterations 12500001"},
         {208 + 3 * 48 + 4, 0xffffffffu, "key slot 3: iterations 4294967295"},
         {208 + 44, 3999, "key slot 0: stripes 3999"},
         {208 + 48 * 7 + 40, 4000, "key slot 7: key material"},
