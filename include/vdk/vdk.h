@@ -2,9 +2,10 @@
 /*
  * vdk.h - the public API of libvdk, the virtual disk kit.
  *
- * libvdk opens disk images (raw today; qcow2, vdi, vmdk as their drivers
- * land) and moves data in and out of them through an asynchronous queue
- * backed by io_uring, libaio or a thread pool.  It is meant to sit under a
+ * libvdk opens disk images (raw, qcow2, vdi, vmdk; legacy qcow read-only)
+ * and moves data in and out of them through an asynchronous queue backed by
+ * io_uring, libaio or a thread pool; vdk_queue_source_new() puts a queue in
+ * a GLib main loop.  A reference generated from this header: docs/api.md.  It is meant to sit under a
  * VMM's virtio-blk device, a storage daemon or a conversion tool.
  *
  * Threading model
@@ -288,6 +289,21 @@ VDK_API int vdk_queue_submit_and_wait(VdkQueue *q, VdkCompletion *out, unsigned 
 
 /** Requests queued or in flight and not yet reaped. */
 VDK_API unsigned vdk_queue_pending(VdkQueue *q);
+
+/** A completion handed to a vdk_queue_source_new() callback. */
+typedef void (*VdkQueueCompletionFunc)(VdkQueue *q, const VdkCompletion *completion, gpointer user_data);
+
+/**
+ * vdk_queue_source_new: a GSource for GLib main loops.  It watches the
+ * queue's eventfd and, when it is readable, reaps every completion and
+ * calls the callback set with g_source_set_callback() (cast the
+ * VdkQueueCompletionFunc with G_SOURCE_FUNC) once per completion.
+ * Attach it to the GMainContext that the queue's thread iterates (a queue
+ * belongs to one thread); requests are still queued and submitted with
+ * vdk_queue_*().  Destroying the source leaves the queue alone; free the
+ * queue only after the source is destroyed.  Returns a new reference.
+ */
+VDK_API GSource *vdk_queue_source_new(VdkQueue *q);
 
 /* ------------------------------------------------------------------------ */
 /* Synchronous calls (a private queue: submit + poll loop)                   */
