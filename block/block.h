@@ -282,10 +282,6 @@ typedef struct VdkCheckResult {
     GPtrArray *messages; /* one line per problem, in qemu-img's wording */
 } VdkCheckResult;
 
-enum {
-    VDK_CHECK_FIX_LEAKS = 1,
-    VDK_CHECK_FIX_ERRORS = 2,
-};
 
 struct VdkInfo {
     uint64_t cluster_size; /* 0: none */

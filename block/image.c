@@ -473,6 +473,48 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
 }
 
 bool
+vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error)
+{
+    memset(out, 0, sizeof(*out));
+    VdkNode *n = img->top;
+    if (!n->drv->check) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: this image format does not support checks", n->drv->name);
+        return false;
+    }
+    if (fix && n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "a repair needs the image opened read-write");
+        return false;
+    }
+    VdkCheckResult res;
+    memset(&res, 0, sizeof(res));
+    res.messages = g_ptr_array_new_with_free_func(g_free);
+    bool ok = n->drv->check(n, (int)fix, &res, error);
+    out->corruptions = res.corruptions;
+    out->leaks = res.leaks;
+    out->check_errors = res.check_errors;
+    out->corruptions_fixed = res.corruptions_fixed;
+    out->leaks_fixed = res.leaks_fixed;
+    out->has_stats = res.has_stats;
+    out->image_end_offset = res.image_end_offset;
+    out->total_clusters = res.total_clusters;
+    out->allocated_clusters = res.allocated_clusters;
+    out->fragmented_clusters = res.fragmented_clusters;
+    out->compressed_clusters = res.compressed_clusters;
+    g_ptr_array_add(res.messages, NULL);
+    out->messages = (char **)g_ptr_array_free(res.messages, FALSE);
+    return ok;
+}
+
+void
+vdk_check_report_clear(VdkCheckReport *report)
+{
+    if (report) {
+        g_strfreev(report->messages);
+        memset(report, 0, sizeof(*report));
+    }
+}
+
+bool
 vdk_image_close(VdkImage *img, GError **error)
 {
     if (!img) {

@@ -24,6 +24,9 @@ static const ToolCommand commands[] = {
     {"convert", cmd_convert, "copy an image into another file and format"},
     {"create", cmd_create, "create a new image"},
     {"dd", cmd_dd, "copy part of an image into a new image, like dd(1)"},
+#ifdef VDK_HAVE_FUSE
+    {"fuse", cmd_fuse, "show an image's content as a regular file (FUSE export)"},
+#endif
     {"info", cmd_info, "show information about an image"},
     {"io", cmd_io, "run qemu-io style commands against an image"},
     {"map", cmd_map, "show where an image's data lives"},

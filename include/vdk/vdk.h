@@ -2,9 +2,10 @@
 /*
  * vdk.h - the public API of libvdk, the virtual disk kit.
  *
- * libvdk opens disk images (raw today; qcow2, vdi, vmdk as their drivers
- * land) and moves data in and out of them through an asynchronous queue
- * backed by io_uring, libaio or a thread pool.  It is meant to sit under a
+ * libvdk opens disk images (raw, qcow2, vdi, vmdk; legacy qcow read-only)
+ * and moves data in and out of them through an asynchronous queue backed by
+ * io_uring, libaio or a thread pool; vdk_queue_source_new() puts a queue in
+ * a GLib main loop.  A reference generated from this header: docs/api.md.  It is meant to sit under a
  * VMM's virtio-blk device, a storage daemon or a conversion tool.
  *
  * Threading model
@@ -296,6 +297,55 @@ VDK_API int vdk_queue_submit_and_wait(VdkQueue *q, VdkCompletion *out, unsigned 
 
 /** Requests queued or in flight and not yet reaped. */
 VDK_API unsigned vdk_queue_pending(VdkQueue *q);
+
+/* ------------------------------------------------------------------------ */
+/* Checking and repairing (qemu-img check)                                   */
+/* ------------------------------------------------------------------------ */
+
+/** What vdk_image_check() may repair. */
+enum {
+    VDK_CHECK_FIX_LEAKS = 1,  /* clusters counted but unused (qemu-img check -r leaks) */
+    VDK_CHECK_FIX_ERRORS = 2, /* corruptions too (-r all, with FIX_LEAKS) */
+};
+
+/** qemu-img check's counters and messages. */
+typedef struct VdkCheckReport {
+    uint64_t corruptions, leaks, check_errors; /* found (after the repair, if any) */
+    uint64_t corruptions_fixed, leaks_fixed;
+    bool has_stats; /* the next fields are valid */
+    uint64_t image_end_offset;
+    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+    char **messages; /* NULL-terminated; one line per problem, in qemu-img's words */
+} VdkCheckReport;
+
+/**
+ * vdk_image_check: check the top image's metadata and, with @fix
+ * (VDK_CHECK_FIX_*; the image must be writable), repair it.  Open a damaged
+ * image with the option ("check", "on") (and ("repair", "on") to repair one
+ * marked corrupt) so that what the check reports does not refuse the open.
+ * Fills *@out (clear it with vdk_check_report_clear()); false with an error
+ * when the check could not run: ENOTSUP for a format without checks (raw),
+ * EROFS for a repair of a read-only image, or an I/O error.  Blocking;
+ * no queue of the image may have requests in flight.
+ */
+VDK_API bool vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error);
+/** Free what vdk_image_check() put in @report. */
+VDK_API void vdk_check_report_clear(VdkCheckReport *report);
+
+/** A completion handed to a vdk_queue_source_new() callback. */
+typedef void (*VdkQueueCompletionFunc)(VdkQueue *q, const VdkCompletion *completion, gpointer user_data);
+
+/**
+ * vdk_queue_source_new: a GSource for GLib main loops.  It watches the
+ * queue's eventfd and, when it is readable, reaps every completion and
+ * calls the callback set with g_source_set_callback() (cast the
+ * VdkQueueCompletionFunc with G_SOURCE_FUNC) once per completion.
+ * Attach it to the GMainContext that the queue's thread iterates (a queue
+ * belongs to one thread); requests are still queued and submitted with
+ * vdk_queue_*().  Destroying the source leaves the queue alone; free the
+ * queue only after the source is destroyed.  Returns a new reference.
+ */
+VDK_API GSource *vdk_queue_source_new(VdkQueue *q);
 
 /* ------------------------------------------------------------------------ */
 /* Synchronous calls (a private queue: submit + poll loop)                   */
