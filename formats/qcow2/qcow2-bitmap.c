@@ -243,9 +243,12 @@ parse_entry(Qcow2 *s, const uint8_t *dir, uint64_t dir_size, uint64_t *pos, uint
                     bm->gran_bits);
         return false;
     }
+    /* an in-use bitmap may be sized for another disk size (a resize was
+     * interrupted): it can only be removed, so only its extent matters */
     uint64_t need = bm_clusters(s, bm_nbits(s->size, bm->gran_bits));
     if (bm->table_size == 0 || bm->table_size > QCOW2_BM_MAX_TABLE ||
-        ((uint64_t)bm->table_size << s->cluster_bits) > QCOW2_BM_MAX_PHYS || bm->table_size < need) {
+        ((uint64_t)bm->table_size << s->cluster_bits) > QCOW2_BM_MAX_PHYS ||
+        (bm->table_size < need && !(bm->flags & QCOW2_BM_IN_USE))) {
         g_set_error(error, VDK_ERROR, EINVAL,
                     "qcow2: bitmap '%s': bitmap_table_size %u is invalid (%" PRIu64 " entries cover the disk; "
                     "bitmap data is limited to %llu bytes)",
@@ -417,6 +420,8 @@ load_bits(Qcow2 *s, Qcow2Bitmap *bm, GError **error)
     return true;
 }
 
+static int dir_rewrite_in_place(Qcow2 *s);
+
 /* ------------------------------------------------------------------------ */
 /* Read-write open and the hot path                                          */
 /* ------------------------------------------------------------------------ */
@@ -457,33 +462,24 @@ qcow2_bitmaps_open_rw(Qcow2 *s, GError **error)
                 return false;
             }
             bm->tracking = true;
-            bm->rewrite = true;
             any = true;
         }
     }
     if (!any) {
         return true;
     }
-    /* in use on disk, durable, before any write: the directory is
-     * rewritten in place with only flag bits changed, so a torn write
-     * still leaves a valid directory */
-    uint8_t *dir = g_malloc0(s->bm_dir_size);
+    /* in use on disk, durable, before any write */
     for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
         if (s->bitmaps[i].tracking) {
             s->bitmaps[i].flags |= QCOW2_BM_IN_USE;
+            s->bitmaps[i].marked = true;
         }
     }
-    dir_fill(s, dir);
-    int r = vdk_file_pwrite_sync(s->file, dir, s->bm_dir_size, s->bm_dir_offset);
-    g_free(dir);
-    if (r == 0) {
-        r = vdk_file_flush_sync(s->file);
-    }
+    int r = dir_rewrite_in_place(s);
     if (r < 0) {
         g_set_error(error, VDK_ERROR, -r, "qcow2: cannot mark the bitmaps in use: %s", g_strerror(-r));
         return false;
     }
-    s->bm_dirty = true;
     rebuild_track(s);
     return true;
 }
@@ -522,6 +518,9 @@ qcow2_bitmaps_mark_slow(Qcow2 *s, uint64_t off, uint64_t len)
         return;
     }
     uint64_t end = MIN(s->size, off + len);
+    if (!__atomic_load_n(&s->bm_written, __ATOMIC_RELAXED)) {
+        __atomic_store_n(&s->bm_written, true, __ATOMIC_RELAXED);
+    }
     for (uint32_t i = 0; i < n; i++) {
         Qcow2Bitmap *bm = s->bm_track[i];
         set_range(bm->bits, off >> bm->gran_bits, (end - 1) >> bm->gran_bits);
@@ -704,7 +703,12 @@ store_locked(Qcow2 *s, GArray *olds, GError **error)
     /* 1. the bits of tracked/changed bitmaps in new clusters */
     for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
         Qcow2Bitmap *bm = &s->bitmaps[i];
-        if (!bm->rewrite || !bm->bits) {
+        /* bits change through actions, or through writes while tracked */
+        bool changed = bm->rewrite || ((bm->tracking || bm->marked) && s->bm_written);
+        if (bm->marked) {
+            bm->flags &= ~QCOW2_BM_IN_USE; /* we set it: the new directory is consistent */
+        }
+        if (!changed || !bm->bits) {
             continue;
         }
         if (bm->table_offset) {
@@ -770,8 +774,10 @@ store_locked(Qcow2 *s, GArray *olds, GError **error)
     g_array_set_size(olds, 0);
     for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
         s->bitmaps[i].rewrite = false;
+        s->bitmaps[i].marked = false;
     }
     s->bm_dirty = false;
+    s->bm_written = false;
     r = qcow2_ctl_flush(s);
     if (r < 0) {
         return fail_r(error, r, "cannot free the old bitmap clusters");
@@ -794,7 +800,21 @@ qcow2_bitmaps_store(VdkNode *n, GError **error)
     s->bm_olds = NULL;
     /* writes are over: nothing sets bits any more */
     __atomic_store_n(&s->nb_track, 0, __ATOMIC_RELEASE);
-    bool ok = store_locked(s, olds, error);
+    bool ok;
+    if (!s->bm_dirty && !s->bm_written && olds->len == 0) {
+        /* nothing changed since the open marked them in use: the same
+         * directory, in place, with the flags as they were */
+        for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+            if (s->bitmaps[i].marked) {
+                s->bitmaps[i].flags &= ~QCOW2_BM_IN_USE;
+                s->bitmaps[i].marked = false;
+            }
+        }
+        int r = dir_rewrite_in_place(s);
+        ok = r == 0 || fail_r(error, r, "cannot write the bitmap directory");
+    } else {
+        ok = store_locked(s, olds, error);
+    }
     g_array_free(olds, TRUE);
     g_mutex_unlock(&n->lock);
     return ok;
@@ -1089,4 +1109,111 @@ qcow2_bitmaps_info(Qcow2 *s, GString *j, GPtrArray *l)
                                            bm->gran_bits < 64 ? (uint64_t)1 << bm->gran_bits : 0));
     }
     g_string_append(j, "],\n");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Resize and snapshot switching                                             */
+/* ------------------------------------------------------------------------ */
+
+/* Rewrite the directory in place with the in-memory flags (only flag bits
+ * differ from the disk's, so a torn write leaves a valid directory). */
+static int
+dir_rewrite_in_place(Qcow2 *s)
+{
+    uint8_t *dir = g_malloc0(s->bm_dir_size);
+    dir_fill(s, dir);
+    int r = vdk_file_pwrite_sync(s->file, dir, s->bm_dir_size, s->bm_dir_offset);
+    g_free(dir);
+    if (r == 0) {
+        r = vdk_file_flush_sync(s->file);
+    }
+    return r;
+}
+
+/* qemu resizes the bitmaps with the disk (new bits clear).  Every bitmap
+ * is marked in use on disk first: a crash before the close stores them
+ * leaves them inconsistent rather than sized for the old disk. */
+bool
+qcow2_truncate_bitmaps(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error)
+{
+    Qcow2 *s = n->opaque;
+    if (s->nb_bitmaps == 0 || size == s->size) {
+        return qcow2_truncate(n, size, shrink, prealloc, error);
+    }
+    bool in_place = false;
+    for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+        Qcow2Bitmap *bm = &s->bitmaps[i];
+        if (((bm->flags & QCOW2_BM_IN_USE) && !bm->tracking) || !bm->usable) {
+            g_set_error(error, VDK_ERROR, ENOTSUP,
+                        "qcow2: cannot resize an image with the inconsistent or unsupported bitmap '%s' (remove it "
+                        "first)",
+                        bm->name);
+            return false;
+        }
+        uint64_t nbits = bm_nbits(size, bm->gran_bits);
+        if (qcow2_align(s, bm_bytes(nbits)) > QCOW2_BM_MAX_PHYS) {
+            g_set_error(error, VDK_ERROR, EFBIG, "qcow2: bitmap '%s' would exceed %llu bytes at the new size", bm->name,
+                        (unsigned long long)QCOW2_BM_MAX_PHYS);
+            return false;
+        }
+        if (!load_bits(s, bm, error)) {
+            return false;
+        }
+        in_place |= bm->table_offset != 0;
+    }
+    if (in_place) {
+        for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+            if (s->bitmaps[i].table_offset) {
+                s->bitmaps[i].flags |= QCOW2_BM_IN_USE;
+                s->bitmaps[i].marked = true;
+            }
+        }
+        int r = dir_rewrite_in_place(s);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "qcow2: cannot mark the bitmaps in use: %s", g_strerror(-r));
+            return false;
+        }
+    }
+    s->bm_dirty = true;
+    for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+        s->bitmaps[i].rewrite = true; /* stored (and the in-use flag cleared) on close */
+    }
+    if (!qcow2_truncate(n, size, shrink, prealloc, error)) {
+        return false;
+    }
+    g_mutex_lock(&n->lock);
+    bool ok = true;
+    for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+        Qcow2Bitmap *bm = &s->bitmaps[i];
+        uint64_t nbits = bm_nbits(size, bm->gran_bits);
+        uint64_t old = bm_bytes(bm->nbits), now = bm_bytes(nbits);
+        uint8_t *bits = g_try_realloc(bm->bits, MAX(now, (uint64_t)1));
+        if (!bits) {
+            g_set_error(error, VDK_ERROR, ENOMEM, "qcow2: cannot resize bitmap '%s'", bm->name);
+            ok = false;
+            break;
+        }
+        if (now > old) {
+            memset(bits + old, 0, now - old);
+        }
+        if (nbits < bm->nbits && nbits % 8) {
+            bits[now - 1] &= (uint8_t)((1u << (nbits % 8)) - 1);
+        }
+        bm->bits = bits;
+        bm->nbits = nbits;
+    }
+    g_mutex_unlock(&n->lock);
+    return ok;
+}
+
+bool
+qcow2_snapshot_apply_bitmaps(VdkNode *n, const char *name, GError **error)
+{
+    Qcow2 *s = n->opaque;
+    if (s->nb_track) {
+        /* as qemu: the switch would change the disk behind the bitmaps */
+        g_set_error(error, VDK_ERROR, EBUSY, "Device has active dirty bitmaps");
+        return false;
+    }
+    return qcow2_snapshot_apply(n, name, error);
 }

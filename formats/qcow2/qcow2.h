@@ -110,6 +110,7 @@ typedef struct Qcow2Bitmap {
     uint64_t nbits;
     bool tracking;            /* enabled: every write sets bits (hot path, atomic) */
     bool rewrite;             /* bits to be stored in new clusters at close */
+    bool marked;              /* in use on disk because of this session (cleared by the store) */
 } Qcow2Bitmap;
 
 /* Compression of one cluster for a compressed write, run on the pool. */
@@ -197,6 +198,7 @@ struct Qcow2 {
     Qcow2Bitmap **bm_track;
     uint32_t nb_track;
     bool bm_dirty;            /* the directory changes at close */
+    bool bm_written;          /* a tracked bitmap got bits (a write) */
     GArray *bm_olds;          /* clusters of removed/cleared bitmaps: freed after the next store */
     char *bm_error;           /* check mode: why the directory did not load */
 
@@ -410,6 +412,9 @@ qcow2_bitmaps_mark(Qcow2 *s, uint64_t off, uint64_t len)
 /* The bitmaps make the image refuse an operation (resize, compact):
  * error set, true. */
 bool qcow2_bitmaps_block(Qcow2 *s, const char *what, GError **error);
+/* Driver slots wrapping resize and snapshot apply for the bitmaps. */
+bool qcow2_truncate_bitmaps(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);
+bool qcow2_snapshot_apply_bitmaps(VdkNode *n, const char *name, GError **error);
 
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
