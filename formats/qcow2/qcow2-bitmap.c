@@ -1217,3 +1217,22 @@ qcow2_snapshot_apply_bitmaps(VdkNode *n, const char *name, GError **error)
     }
     return qcow2_snapshot_apply(n, name, error);
 }
+
+uint64_t
+qcow2_bitmaps_measure(VdkImage *src, uint64_t cs)
+{
+    VdkNode *n = src->top;
+    if (n->drv != &vdk_format_qcow2) {
+        return 0;
+    }
+    Qcow2 *s = n->opaque;
+    uint64_t total = 0, dir = 0;
+    for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+        const Qcow2Bitmap *bm = &s->bitmaps[i];
+        uint64_t clusters = (bm_bytes(bm_nbits(s->size, bm->gran_bits)) + cs - 1) / cs;
+        total += clusters * cs;                  /* every data cluster allocated */
+        total += vdk_align_up(clusters * 8, cs); /* the table */
+        dir += (24 + strlen(bm->name) + 7) & ~7ULL;
+    }
+    return total + vdk_align_up(dir, cs);
+}

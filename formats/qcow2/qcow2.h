@@ -398,6 +398,9 @@ bool qcow2_bitmaps_open_rw(Qcow2 *s, GError **error);
  * directory, switch the header, free the old clusters. */
 bool qcow2_bitmaps_store(VdkNode *n, GError **error);
 void qcow2_bitmaps_free(Qcow2 *s);
+/* measure: bytes the source's bitmaps need in an image of @cs clusters
+ * (qemu's estimate: every bitmap cluster allocated, tables, directory). */
+uint64_t qcow2_bitmaps_measure(VdkImage *src, uint64_t cs);
 void qcow2_bitmaps_info(Qcow2 *s, GString *json, GPtrArray *lines);
 bool qcow2_bitmap_op(VdkNode *n, const VdkBitmapOp *op, GError **error);
 /* Every tracked bitmap covers [off, off+len) as dirty. */

@@ -13,6 +13,7 @@
   - every vdk bitmap action gives the bitmaps qemu-img bitmap gives, and
     qemu-img's messages for errors;
   - resize grows the bitmaps as qemu does; snapshot apply and compact refuse;
+  - measure counts the source's bitmaps as qemu-img measure does;
   - a writer or a bitmap command killed at each of its writes (strace
     inject) leaves every bitmap either in use (inconsistent) or covering
     every change, and the image without corruption;
@@ -197,6 +198,17 @@ def t_vdk_made(t):
     expect_eq({k: v[1:] for k, v in b.items()}, {k: v[1:] for k, v in a.items()}, 'converted bitmaps')
     # the other way: vdk reads what qemu wrote after vdk
     info_both(t, 'img.qcow2', 'after qemu changed vdk\'s bitmaps')
+
+
+def t_measure(t):
+    qemu_made(t, 'img.qcow2')
+    expect_rc(t.qemu_img('bitmap', '--add', 'img.qcow2', 'x' * 100), 0)
+    for args in (['-O', 'qcow2'], ['-O', 'qcow2', '-o', 'cluster_size=4k'], ['-O', 'qcow2', '-o', 'cluster_size=2M'],
+                 ['-O', 'qcow2', '-o', 'compat=0.10'], ['-O', 'raw'], ['--output=json', '-O', 'qcow2']):
+        rv = t.vdk('measure', *args, 'img.qcow2')
+        rq = t.qemu_img('measure', *args, 'img.qcow2')
+        expect_eq((rv.rc, rv.out), (rq.rc, rq.out), 'vdk measure %s = qemu-img\'s' % ' '.join(args))
+    expect('bitmaps size: ' in t.vdk('measure', '-O', 'qcow2', 'img.qcow2').out, 'the bitmaps size is shown')
 
 
 def random_ops(rng, size, n, cs):
@@ -589,6 +601,7 @@ for label, opts in (('64k', ''), ('512', 'cluster_size=512'), ('2M', 'cluster_si
                     ('extl2', 'extended_l2=on'), ('lazy', 'lazy_refcounts=on'), ('refcount1', 'refcount_bits=1')):
     suite.add('bitmap/writes-tracked/' + label, t_writes_tracked, opts)
 suite.add('bitmap/actions-as-qemu-img', t_actions)
+suite.add('bitmap/measure', t_measure)
 suite.add('bitmap/resize-snapshot-compact-amend', t_resize_and_refusals)
 suite.add('bitmap/killed-at-every-write', t_killed)
 suite.add('bitmap/hostile-directories', t_hostile)
