@@ -933,7 +933,7 @@ op_remove(Qcow2 *s, const VdkBitmapOp *op, GError **error)
     return true;
 }
 
-/* OR @src (granularity 2^@sg, @sbits bits) into @dst. */
+/* OR @src (granularity 2^@sg, covering the same disk size) into @dst. */
 static void
 merge_bits(Qcow2 *s, Qcow2Bitmap *dst, const uint8_t *src, unsigned sg)
 {
@@ -945,6 +945,10 @@ merge_bits(Qcow2 *s, Qcow2Bitmap *dst, const uint8_t *src, unsigned sg)
     }
     uint64_t sbits = bm_nbits(s->size, sg);
     for (uint64_t j = 0; j < sbits; j++) {
+        if (j % 8 == 0 && !src[j / 8]) {
+            j += 7; /* a clear byte: skip its bits */
+            continue;
+        }
         if (src[j / 8] & (1u << (j % 8))) {
             uint64_t a = j << sg;
             uint64_t b = MIN(s->size, (j + 1) << sg);

@@ -1031,13 +1031,6 @@ qcow2_image_supports_bitmaps(VdkImage *img)
     return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->version >= 3;
 }
 
-bool
-qcow2_image_has_bitmaps(VdkImage *img)
-{
-    VdkNode *n = img->top;
-    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->has_bitmaps;
-}
-
 const VdkFormat vdk_format_qcow2 = {
     .name = "qcow2",
     .probe = qcow2_probe,

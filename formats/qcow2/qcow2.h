@@ -362,10 +362,8 @@ int qcow2_writeback_sync(Qcow2 *s, bool final);
 /* qcow2-create.c */
 bool qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *opts, GError **error);
 bool qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error);
-/* @img's top layer is a qcow2 v3 image (it can hold persistent bitmaps) /
- * has a bitmaps extension. */
+/* @img's top layer is a qcow2 v3 image (it can hold persistent bitmaps). */
 bool qcow2_image_supports_bitmaps(VdkImage *img);
-bool qcow2_image_has_bitmaps(VdkImage *img);
 extern const VdkOptionDesc qcow2_create_opts[];
 
 /* qcow2-snapshot.c */
