@@ -386,6 +386,13 @@ struct VdkFormat {
      * sizes before and after.  Blocking; no I/O in flight.  NULL: not
      * supported. */
     bool (*compact)(VdkNode *n, uint64_t *before, uint64_t *after, GError **error);
+    /* Persistent bitmap action (vdk_image_bitmap).  Blocking; no I/O in
+     * flight.  NULL: the format has no bitmaps. */
+    bool (*bitmap)(VdkNode *n, const VdkBitmapOp *op, GError **error);
+    /* Called on every writable node before the final flush of a close
+     * (store what the format keeps in memory); may do control-path I/O.
+     * NULL: nothing to do. */
+    bool (*before_close)(VdkNode *n, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;

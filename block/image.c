@@ -525,11 +525,26 @@ vdk_image_close(VdkImage *img, GError **error)
     if (live != 0) {
         g_log("vdk", G_LOG_LEVEL_CRITICAL, "vdk_image_close: %d queue(s) still open", live);
     }
+    for (VdkNode *x = img->top; x; x = x->backing) {
+        if (!x->read_only && x->drv && x->drv->before_close) {
+            GError *e = NULL;
+            if (!x->drv->before_close(x, &e)) {
+                if (ok) {
+                    g_propagate_error(error, e);
+                } else {
+                    g_error_free(e);
+                }
+                ok = false;
+            }
+        }
+    }
     if (img->top && !img->top->read_only) {
         /* Write back what the format keeps in memory (a clean close). */
         int r = vdk_image_sync_request(img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_FINAL, NULL);
         if (r < 0) {
-            g_set_error(error, VDK_ERROR, -r, "writing back metadata on close failed: %s", g_strerror(-r));
+            if (ok) {
+                g_set_error(error, VDK_ERROR, -r, "writing back metadata on close failed: %s", g_strerror(-r));
+            }
             ok = false;
         }
     }
@@ -721,6 +736,25 @@ vdk_image_amend(VdkImage *img, const char *const *kv, GError **error)
     bool ok = n->drv->amend(n, h, error);
     g_hash_table_unref(h);
     return ok;
+}
+
+bool
+vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error)
+{
+    VdkNode *n = img->top;
+    if (!op || !op->name || !*op->name) {
+        g_set_error(error, VDK_ERROR, EINVAL, "a bitmap name is required");
+        return false;
+    }
+    if (!n->drv->bitmap) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "Can't store persistent bitmaps to %s images", n->drv->name);
+        return false;
+    }
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    return n->drv->bitmap(n, op, error);
 }
 
 bool

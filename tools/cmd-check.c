@@ -43,7 +43,7 @@ print_human(const VdkCheckReport *r)
             printf("\n%" G_GUINT64_FORMAT " internal errors have occurred during the check.\n", r->check_errors);
         }
     }
-    if (r->has_stats && r->total_clusters) {
+    if (r->has_stats && r->total_clusters && r->allocated_clusters) { /* as qemu-img */
         double a = r->allocated_clusters;
         printf("%" G_GUINT64_FORMAT "/%" G_GUINT64_FORMAT " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
                r->allocated_clusters, r->total_clusters, a * 100.0 / (double)r->total_clusters,

@@ -42,6 +42,7 @@ int cmd_amend(int argc, char **argv);
 int cmd_allocate(int argc, char **argv);
 int cmd_compact(int argc, char **argv);
 int cmd_fuse(int argc, char **argv);
+int cmd_bitmap(int argc, char **argv);
 
 extern bool tool_verbose;
 extern bool tool_quiet;

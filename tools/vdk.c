@@ -17,6 +17,7 @@ static const ToolCommand commands[] = {
     {"allocate", cmd_allocate, "make a sparse image physically allocated"},
     {"amend", cmd_amend, "change format options of an existing image"},
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
+    {"bitmap", cmd_bitmap, "add, remove, clear, enable, disable or merge persistent dirty bitmaps"},
     {"check", cmd_check, "check an image for consistency"},
     {"commit", cmd_commit, "write an overlay's changes into its backing file"},
     {"compact", cmd_compact, "give back the space of freed clusters, in place"},

@@ -276,7 +276,7 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
     }
     /* 4. size */
     if (has_size && size != s->size) {
-        if (!qcow2_truncate(n, size, true, VDK_PREALLOC_OFF, error)) {
+        if (!qcow2_truncate_bitmaps(n, size, true, VDK_PREALLOC_OFF, error)) {
             return false;
         }
         n->size = s->size;

@@ -187,6 +187,9 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
                     "qcow2: compacting an encrypted image is not supported (LUKS binds each sector to its host offset)");
         return false;
     }
+    if (qcow2_bitmaps_block(s, "compact", error)) {
+        return false; /* moving clusters would need the bitmap tables rewritten too */
+    }
     uint32_t cb = s->cluster_bits;
     g_mutex_lock(&n->lock);
     int r = qcow2_ctl_flush(s);

@@ -264,10 +264,8 @@ qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasur
     /* qemu shows the bitmaps' size when both images can have bitmaps */
     m->has_bitmaps = p.version >= 3 && src && qcow2_image_supports_bitmaps(src);
     m->bitmaps = 0;
-    if (m->has_bitmaps && qcow2_image_has_bitmaps(src)) {
-        g_set_error(error, VDK_ERROR, ENOTSUP,
-                    "qcow2: measuring the persistent bitmaps of the source is not supported yet");
-        return false;
+    if (m->has_bitmaps) {
+        m->bitmaps = qcow2_bitmaps_measure(src, cs);
     }
     return true;
 }

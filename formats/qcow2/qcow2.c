@@ -5,7 +5,7 @@
  *
  * Supported: versions 2 and 3; cluster sizes 512 B to 2 MiB; refcount
  * widths 1 to 64 bits; header extensions (backing format, feature-name
- * table, bitmaps kept untouched, unknown ones preserved byte for byte
+ * table, persistent bitmaps (qcow2-bitmap.c), unknown ones preserved byte for byte
  * because the header cluster is patched in place, never rebuilt); zero
  * clusters; compressed clusters (deflate and zstd) for reading and
  * whole-cluster writing; extended L2 entries (subclusters); backing files
@@ -619,11 +619,24 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
             }
             break;
         case QCOW2_EXT_BITMAPS:
-            if (len < 24) {
-                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension too short (%u bytes)", len);
+            if (len != 24) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension length %u is invalid (24)", len);
+                return false;
+            }
+            if (s->bm_ext) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: two bitmaps extensions");
+                return false;
+            }
+            if ((s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && qbe32(data + 4) != 0) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension: reserved field is 0x%x (must be 0)",
+                            qbe32(data + 4));
                 return false;
             }
             s->has_bitmaps = true;
+            s->bm_ext = true;
+            s->bm_ext_nb = qbe32(data);
+            s->bm_dir_size = qbe64(data + 8);
+            s->bm_dir_offset = qbe64(data + 16);
             break;
         case QCOW2_EXT_CRYPTO:
             if (s->crypt_method != 2) {
@@ -694,6 +707,15 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
     if (!open_snapshot(n, s, error)) {
         return false;
     }
+    GError *bm_err = NULL;
+    if (!qcow2_bitmaps_load(s, &bm_err)) {
+        if (!n->img->opts.check) {
+            g_propagate_error(error, bm_err);
+            return false;
+        }
+        s->bm_error = g_strdup(bm_err->message); /* check reports it */
+        g_error_free(bm_err);
+    }
     s->l1_dirty_lo = s->reftable_dirty_lo = UINT64_MAX;
 
     /* allocation pointer: past everything in the file */
@@ -740,6 +762,10 @@ qcow2_free_state(Qcow2 *s)
         g_array_free(s->frees, TRUE);
     }
     qcow2_snapshots_free(s);
+    qcow2_bitmaps_free(s);
+    if (s->bm_olds) {
+        g_array_free(s->bm_olds, TRUE);
+    }
     g_free(s->l1);
     g_free(s->reftable);
     g_free(s->hdr);
@@ -801,10 +827,15 @@ qcow2_open(VdkNode *n, GError **error)
             s->dirty_on_disk = false;
             s->hdr_dirty = true;
         }
-        if (s->autoclear) {
-            /* The spec: writers must clear auto-clear bits they do not keep
-             * up to date (bitmaps become "inconsistent" for QEMU). */
-            s->autoclear = 0;
+        /* Enabled bitmaps: in memory and marked in use on disk before
+         * any write; autoclear bits vdk does not maintain are cleared. */
+        if (!s->bm_error && !qcow2_bitmaps_open_rw(s, error)) {
+            n->opaque = NULL;
+            qcow2_free_state(s);
+            return false;
+        }
+        if (s->bm_error && s->autoclear) {
+            s->autoclear = 0; /* check -r on a broken directory: inconsistent */
             s->hdr_dirty = true;
         }
         if (s->hdr_dirty && !write_header_sync(s, error)) {
@@ -844,10 +875,13 @@ qcow2_info(VdkNode *n, VdkInfo *info)
         g_string_append_printf(j,
                                "{\n                \"compat\": \"%s\",\n"
                                "                \"compression-type\": \"%s\",\n"
-                               "                \"lazy-refcounts\": %s,\n"
-                               "                \"refcount-bits\": %u,\n",
-                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false",
-                               s->refcount_bits);
+                               "                \"lazy-refcounts\": %s,\n",
+                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false");
+        g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
+        g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
+        g_ptr_array_add(l, g_strdup_printf("lazy refcounts: %s", s->lazy_refcounts ? "true" : "false"));
+        qcow2_bitmaps_info(s, j, l);
+        g_string_append_printf(j, "                \"refcount-bits\": %u,\n", s->refcount_bits);
         GPtrArray *el = g_ptr_array_new_with_free_func(g_free);
         if (s->crypto) {
             g_string_append(j, "                \"encrypt\": ");
@@ -858,9 +892,6 @@ qcow2_info(VdkNode *n, VdkInfo *info)
                                "                \"corrupt\": %s,\n"
                                "                \"extended-l2\": %s\n            }",
                                s->corrupt ? "true" : "false", s->extl2 ? "true" : "false");
-        g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
-        g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
-        g_ptr_array_add(l, g_strdup_printf("lazy refcounts: %s", s->lazy_refcounts ? "true" : "false"));
         g_ptr_array_add(l, g_strdup_printf("refcount bits: %u", s->refcount_bits));
         for (guint i = 0; i < el->len; i++) {
             g_ptr_array_add(l, g_strdup(el->pdata[i]));
@@ -1030,13 +1061,6 @@ qcow2_image_supports_bitmaps(VdkImage *img)
     return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->version >= 3;
 }
 
-bool
-qcow2_image_has_bitmaps(VdkImage *img)
-{
-    VdkNode *n = img->top;
-    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->has_bitmaps;
-}
-
 const VdkFormat vdk_format_qcow2 = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -1050,7 +1074,7 @@ const VdkFormat vdk_format_qcow2 = {
     .discard = qcow2_discard,
     .write_zeroes = qcow2_write_zeroes,
     .flush = qcow2_flush,
-    .truncate = qcow2_truncate,
+    .truncate = qcow2_truncate_bitmaps,
     .create = qcow2_create,
     .create_opts = qcow2_create_opts,
     .open_opts = qcow2_open_opts,
@@ -1058,10 +1082,12 @@ const VdkFormat vdk_format_qcow2 = {
     .check = qcow2_check,
     .measure = qcow2_measure,
     .snapshot_create = qcow2_snapshot_create,
-    .snapshot_apply = qcow2_snapshot_apply,
+    .snapshot_apply = qcow2_snapshot_apply_bitmaps,
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
     .change_backing = qcow2_change_backing,
     .amend = qcow2_amend,
     .compact = qcow2_compact,
+    .bitmap = qcow2_bitmap_op,
+    .before_close = qcow2_bitmaps_store,
 };

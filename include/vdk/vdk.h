@@ -517,6 +517,36 @@ VDK_API bool vdk_image_allocate(VdkImage *img, VdkPrealloc mode,
  */
 VDK_API bool vdk_image_compact(VdkImage *img, uint64_t *before, uint64_t *after, GError **error);
 
+/** An action on a persistent dirty bitmap (qemu-img bitmap). */
+typedef enum VdkBitmapAction {
+    VDK_BITMAP_ADD = 1, /* a new, empty, enabled bitmap */
+    VDK_BITMAP_REMOVE,  /* delete it (also an inconsistent one) */
+    VDK_BITMAP_CLEAR,   /* all bits clear */
+    VDK_BITMAP_ENABLE,  /* writes through vdk (and qemu) set its bits */
+    VDK_BITMAP_DISABLE, /* frozen */
+    VDK_BITMAP_MERGE,   /* OR another bitmap's bits into it */
+} VdkBitmapAction;
+
+/** One bitmap action for vdk_image_bitmap(). */
+typedef struct VdkBitmapOp {
+    VdkBitmapAction action;
+    const char *name;        /* the bitmap (at most 1023 bytes) */
+    uint64_t granularity;    /* ADD: bytes per bit, a power of two from 512 to 2 GiB; 0: qemu's default */
+    VdkImage *source;        /* MERGE: the image holding the source bitmap; NULL: this image */
+    const char *source_name; /* MERGE: the source bitmap's name */
+} VdkBitmapOp;
+
+/**
+ * vdk_image_bitmap: one action on a persistent dirty bitmap of the top
+ * image (qcow2 version 3, opened read-write), with qemu-img bitmap's
+ * rules and messages.  The change is written when the image is closed,
+ * crash-safe (new directory and tables in new clusters, then the header
+ * switch).  While a read-write image is open its enabled bitmaps are
+ * marked in use on disk and every write, write-zeroes and discard sets
+ * their bits in memory.  Blocking; no I/O in flight.
+ */
+VDK_API bool vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */
