@@ -8,7 +8,8 @@ MESON_OPTS ?= -Dwerror=true -Dbuildtype=debugoptimized
 PACKAGES = build-essential meson ninja-build pkg-config python3 \
 	libglib2.0-dev liburing-dev libaio-dev zlib1g-dev libzstd-dev libdeflate-dev \
 	qemu-utils fio e2fsprogs util-linux strace \
-	python3-vmdkstream python3-libvmdk libvmdk-utils clang libclang-rt-14-dev
+	python3-vmdkstream python3-libvmdk libvmdk-utils clang libclang-rt-14-dev \
+	xfsprogs
 
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
