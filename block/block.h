@@ -60,7 +60,8 @@ struct VdkOpenOptions {
     bool check;   /* "check": opened to be checked: inconsistencies the check
                    * reports do not refuse the open */
     bool force_share; /* "force-share": read-only, no image locks checked or taken */
-    bool no_locking;  /* "locking"=off ("file.locking"): no image locks at all */
+    VdkLocking locking; /* "locking" ("file.locking"): on, off, auto */
+    char *bad_locking;  /* an invalid "locking" value, refused by the open */
     GHashTable *extra; /* key -> value, driver options */
 };
 
@@ -106,9 +107,16 @@ void vdk_file_close(VdkFile *f);
  * read, write and resize and shares neither write nor resize; a reader uses
  * read and, unless it reads a raw image (@raw_reader), shares neither
  * either, so it refuses to open while someone writes.  Conflicts give
- * "image is in use by another process".
+ * "image is in use by another process".  Where the file system has no OFD
+ * locks the file stays unlocked, or with @required the call fails (ENOTSUP).
  */
-bool vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error);
+bool vdk_file_lock(VdkFile *f, bool write, bool raw_reader, bool required, GError **error);
+/* Whether an image opened with @o checks and takes locks at all. */
+static inline bool
+vdk_open_options_locks(const VdkOpenOptions *o)
+{
+    return !o->force_share && o->locking != VDK_LOCKING_OFF;
+}
 /* Drop this file's image locks (before this process reopens it to write). */
 void vdk_file_unlock(VdkFile *f);
 /* Current length (BLKGETSIZE64 for devices), refreshed from the kernel. */

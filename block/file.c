@@ -286,8 +286,21 @@ ofd_held(int fd, off_t byte)
     return fl.l_type != F_UNLCK;
 }
 
+/* locking=auto goes on unlocked (as QEMU does); locking=on cannot. */
+static bool
+no_ofd_locks(VdkFile *f, bool required, int r, GError **error)
+{
+    (void)f;
+    if (!required) {
+        return true;
+    }
+    g_set_error(error, VDK_ERROR, ENOTSUP, "locking=on, but the file cannot be locked here (OFD locks: %s)",
+                g_strerror(-r));
+    return false;
+}
+
 bool
-vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
+vdk_file_lock(VdkFile *f, bool write, bool raw_reader, bool required, GError **error)
 {
     /* QEMU's choices: a writer uses read, write and resize and shares
      * neither write nor resize (what a guest device asks); a reader through
@@ -310,17 +323,17 @@ vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
             off_t byte = (is_use ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + bit;
             int r = ofd_held(f->fd, byte);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
-                return true; /* no OFD locks here (old kernel, some network file systems) */
+                /* no OFD locks here (old kernel, some network file systems) */
+                return no_ofd_locks(f, required, r, error);
             }
             if (r < 0) {
                 g_set_error(error, VDK_ERROR, -r, "cannot test the image lock: %s", g_strerror(-r));
                 return false;
             }
             if (r > 0) {
-                g_set_error(error, VDK_ERROR, EAGAIN,
-                            "image is in use by another process (failed to get %s\"%s\" lock; -U reads it "
-                            "anyway, at the risk of seeing it change)",
-                            is_use ? "" : "shared ", perm_name(bit));
+                g_set_error(error, VDK_ERROR, EAGAIN, "image is in use by another process (failed to get %s\"%s\" lock%s)",
+                            is_use ? "" : "shared ", perm_name(bit),
+                            write ? "" : "; -U reads it anyway, at the risk of seeing it change");
                 return false;
             }
         }
@@ -332,7 +345,8 @@ vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
             int bit = is_use ? use[i] : unshare[i - nuse];
             int r = ofd_lock(f->fd, (is_use ? LOCK_PERM_BASE : LOCK_SHARED_BASE) + bit);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
-                return true;
+                vdk_file_unlock(f);
+                return no_ofd_locks(f, required, r, error);
             }
             if (r < 0) {
                 g_set_error(error, VDK_ERROR, -r, "cannot take the image lock: %s", g_strerror(-r));

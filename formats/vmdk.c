@@ -452,8 +452,8 @@ open_extents(Vmdk *s, GError **error)
         }
         GError *ferr = NULL;
         e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, &ferr);
-        if (e->file && !n->img->opts.force_share && !n->img->opts.no_locking &&
-            !vdk_file_lock(e->file, !e->read_only, false, &ferr)) {
+        if (e->file && vdk_open_options_locks(&n->img->opts) &&
+            !vdk_file_lock(e->file, !e->read_only, false, n->img->opts.locking == VDK_LOCKING_ON, &ferr)) {
             vdk_file_close(e->file);
             e->file = NULL;
         }

@@ -174,6 +174,62 @@ def t_backing(t):
     expect_rc(t.vdk('info', 'top.qcow2'), 0, 'fine once the writer has gone')
 
 
+def t_replace(t):
+    """create --force, convert and dd onto an image someone has open are
+    refused (qemu-img refuses them too) and leave the open file in place;
+    likewise an extent file of a multi-file vmdk."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'a.qcow2', '1M'), 0)
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'b.qcow2', '1M'), 0)
+    ino = os.stat(t.path('a.qcow2')).st_ino
+    for ro in (False, True):
+        h = Holder(t, 'qemu', 'a.qcow2', read_only=ro)
+        try:
+            for args in (['create', '-q', '-f', 'raw', '--force', 'a.qcow2', '1M'],
+                         ['convert', '-O', 'raw', 'b.qcow2', 'a.qcow2'],
+                         ['dd', '-O', 'raw', 'if=b.qcow2', 'of=a.qcow2']):
+                res = t.vdk(*args)
+                expect(res.rc == 1 and res.err.startswith('vdk: a.qcow2: ') and MSG in res.err
+                       and '-U' not in res.err, 'vdk %s refused while qemu-io%s holds it' %
+                       (args[0], ' -r' if ro else ''), res)
+                expect_eq(os.stat(t.path('a.qcow2')).st_ino, ino, 'the open file is still there')
+        finally:
+            h.stop()
+    expect_rc(t.qemu_img('check', 'a.qcow2'), 0, 'qemu-img check after the refusals')
+    expect_rc(t.vdk('convert', '-O', 'raw', 'b.qcow2', 'a.qcow2'), 0, 'convert once qemu has gone')
+    # qemu-img create refuses likewise while vdk writes
+    h = Holder(t, 'vdk', 'b.qcow2')
+    try:
+        res = t.qemu_img('create', '-q', '-f', 'qcow2', 'b.qcow2', '1M')
+        expect(res.rc != 0 and 'Failed to get "write" lock' in res.err, 'qemu-img create refused', res)
+    finally:
+        h.stop()
+    # a vmdk extent held by qemu-io
+    expect_rc(t.vdk('create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentFlat', 'm.vmdk', '1M'), 0)
+    h = Holder(t, 'qemu', 'm-f001.vmdk', fmt='raw')
+    try:
+        res = t.vdk('create', '-q', '-f', 'vmdk', '--force', '-o', 'subformat=twoGbMaxExtentFlat', 'm.vmdk', '1M')
+        expect(res.rc == 1 and 'm-f001.vmdk' in res.err and MSG in res.err, 'an extent in use', res)
+        res = t.vdk('io', '-f', 'vmdk', '-c', 'write 0 512', 'm.vmdk')
+        expect(res.rc == 1 and 'm-f001.vmdk' in res.err and MSG in res.err, 'vdk io: an extent in use', res)
+    finally:
+        h.stop()
+
+
+def t_locking_option(t):
+    """--image-opts file.locking=on|off|auto; a bad value is one clear error."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'a.qcow2', '1M'), 0)
+    h = Holder(t, 'qemu', 'a.qcow2')
+    try:
+        for v, ok in (('on', False), ('auto', False), ('off', True)):
+            res = t.vdk('info', '--image-opts', 'driver=qcow2,file.filename=a.qcow2,file.locking=' + v)
+            expect(res.rc == 0 if ok else (res.rc == 1 and MSG in res.err), 'file.locking=%s' % v, res)
+        res = t.vdk('info', '--image-opts', 'driver=qcow2,file.filename=a.qcow2,file.locking=maybe')
+        expect(res.rc == 1 and "invalid locking value 'maybe'" in res.err and res.err.count('\n') == 1,
+               'a bad locking value', res)
+    finally:
+        h.stop()
+
+
 for f in ('qcow2', 'raw', 'vmdk'):
     suite.add('same-lock-bytes-as-qemu/%s' % f, t_same_bytes, f)
 for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
@@ -181,6 +237,8 @@ for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
 suite.add('vdk-writer-blocks-qemu', t_vdk_holds)
 suite.add('readers-side-by-side', t_readers)
 suite.add('backing-file-in-use', t_backing)
+suite.add('no-replacing-an-open-image', t_replace)
+suite.add('locking-option', t_locking_option)
 
 if __name__ == '__main__':
     main(suite)
