@@ -62,6 +62,7 @@ struct VdkOpenOptions {
     bool force_share; /* "force-share": read-only, no image locks checked or taken */
     VdkLocking locking; /* "locking" ("file.locking"): on, off, auto */
     char *bad_locking;  /* an invalid "locking" value, refused by the open */
+    bool rebase_force_share; /* "rebase.force-share": rebase's new backing file, -U */
     GHashTable *extra; /* key -> value, driver options */
 };
 

@@ -212,6 +212,8 @@ vdk_image_rebase(VdkImage *img, const char *backing, const char *backing_fmt, bo
             VdkOpenOptions *o = vdk_open_options_new();
             vdk_open_options_set_format(o, backing_fmt);
             vdk_open_options_set_read_only(o, true);
+            o->locking = img->opts.locking; /* file.locking=off covers it too */
+            o->force_share = img->opts.rebase_force_share;
             GError *err = NULL;
             nb = vdk_image_open(path, o, &err);
             vdk_open_options_free(o);

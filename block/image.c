@@ -105,6 +105,10 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
         o->force_share = strcmp(value, "off") != 0;
         return;
     }
+    if (strcmp(key, "rebase.force-share") == 0) {
+        o->rebase_force_share = strcmp(value, "off") != 0;
+        return;
+    }
     if (strcmp(key, "locking") == 0 || strcmp(key, "file.locking") == 0) {
         g_clear_pointer(&o->bad_locking, g_free);
         if (strcmp(value, "off") == 0) {
@@ -430,6 +434,7 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.check = opts->check;
     img->opts.force_share = opts->force_share;
     img->opts.locking = opts->locking;
+    img->opts.rebase_force_share = opts->rebase_force_share;
     img->opts.extra = g_hash_table_ref(opts->extra);
     if (opts->bad_locking) {
         g_set_error(error, VDK_ERROR, EINVAL, "invalid locking value '%s' (expected on, off or auto)",

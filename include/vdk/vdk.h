@@ -155,7 +155,9 @@ VDK_API void vdk_open_options_set_locking(VdkOpenOptions *opts, VdkLocking locki
  * QEMU or qemu-img writer see each other; a conflict fails the open with
  * EAGAIN and "image is in use by another process".  ("force-share", "on")
  * is vdk_open_options_set_force_share(); ("locking", "on" | "off" | "auto")
- * (also spelt "file.locking") is vdk_open_options_set_locking().
+ * (also spelt "file.locking") is vdk_open_options_set_locking();
+ * ("rebase.force-share", "on") makes vdk_image_rebase() open the new backing
+ * file with force-share (qemu-img rebase -U).
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 
-from vdktest import MiB, VDK, Suite, expect, expect_eq, expect_rc, main
+from vdktest import QEMU_IO, MiB, VDK, Suite, expect, expect_eq, expect_rc, main
 
 suite = Suite('fuse')
 
@@ -201,6 +201,27 @@ def t_errors(t):
     expect(r.rc == 1 and 'regular file' in r.err and r.err.count('\n') == 1, 'a directory mountpoint', r)
     r = t.vdk('fuse', 'img', 'nosuch')
     expect(r.rc == 1 and r.err.startswith('vdk: nosuch: '), 'a missing mountpoint', r)
+    # an image another process writes: refused as by every writer; -r -U peeks
+    open(t.path('mnt'), 'w').close()
+    q = subprocess.Popen([QEMU_IO, '-f', 'qcow2', '-c', 'sleep 20000', 'img'], cwd=t.dir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ino = os.stat(t.path('img')).st_ino
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                ':%d ' % ino in l for l in open('/proc/locks')):
+            time.sleep(0.05)
+        r = t.vdk('fuse', '-f', 'qcow2', 'img', 'mnt')
+        expect(r.rc == 1 and r.err.startswith('vdk: img: ') and 'image is in use by another process' in r.err,
+               'an image in use', r)
+        m = Mount(t, 'img', 'qcow2', ['-r', '-U'])
+        with open(m.mnt, 'rb') as f:
+            expect(f.read(4096) == bytes(4096), 'reads through -r -U')
+        rc, err = m.stop()
+        expect_eq(rc, 0, 'exit status')
+    finally:
+        q.kill()
+        q.wait()
     r = t.vdk('fuse', '--help')
     expect(r.rc == 0 and 'usage: vdk fuse' in r.out, '--help', r)
 

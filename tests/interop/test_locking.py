@@ -230,6 +230,32 @@ def t_locking_option(t):
         h.stop()
 
 
+def t_rebase_new_backing(t):
+    """rebase onto a backing file qemu-io writes: refused, as by qemu-img;
+    -U opens it anyway (qemu-img rebase -U), and the image itself is still
+    locked as a writer."""
+    for name in ('a.qcow2', 'b.qcow2'):
+        expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', name, '1M'), 0)
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', 'top.qcow2'), 0)
+    h = Holder(t, 'qemu', 'b.qcow2')
+    try:
+        res = t.qemu_img('rebase', '-b', 'b.qcow2', '-F', 'qcow2', 'top.qcow2')
+        expect(res.rc != 0 and 'lock' in res.err, 'qemu-img rebase refused', res)
+        res = t.vdk('rebase', '-b', 'b.qcow2', '-F', 'qcow2', 'top.qcow2')
+        expect(res.rc == 1 and MSG in res.err and 'b.qcow2' in res.err, 'vdk rebase refused', res)
+        expect_rc(t.vdk('rebase', '-U', '-b', 'b.qcow2', '-F', 'qcow2', 'top.qcow2'), 0, 'vdk rebase -U')
+        info = t.vdk('info', '-U', 'top.qcow2')
+        expect('backing file: b.qcow2' in info.out, 'rebased', info)
+    finally:
+        h.stop()
+    h = Holder(t, 'qemu', 'top.qcow2')
+    try:
+        res = t.vdk('rebase', '-U', '-b', 'a.qcow2', '-F', 'qcow2', 'top.qcow2')
+        expect(res.rc == 1 and MSG in res.err, '-U does not cover the image being rebased', res)
+    finally:
+        h.stop()
+
+
 for f in ('qcow2', 'raw', 'vmdk'):
     suite.add('same-lock-bytes-as-qemu/%s' % f, t_same_bytes, f)
 for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
@@ -239,6 +265,7 @@ suite.add('readers-side-by-side', t_readers)
 suite.add('backing-file-in-use', t_backing)
 suite.add('no-replacing-an-open-image', t_replace)
 suite.add('locking-option', t_locking_option)
+suite.add('rebase-U-new-backing', t_rebase_new_backing)
 
 if __name__ == '__main__':
     main(suite)
