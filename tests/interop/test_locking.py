@@ -11,12 +11,15 @@ after the holder is gone).  The lock bytes vdk takes are the ones qemu
 takes (/proc/locks).  Engines do not matter here (locks are on the file)."""
 
 import os
+import shutil
 import subprocess
 import time
 
 from vdktest import QEMU_IO, VDK, Suite, expect, expect_eq, expect_rc, main
 
 suite = Suite('locking')
+
+QEMU_NBD = os.environ.get('QEMU_NBD') or shutil.which('qemu-nbd')
 
 MSG = 'image is in use by another process'
 
@@ -230,6 +233,30 @@ def t_locking_option(t):
         h.stop()
 
 
+def t_qemu_nbd_holds(t, fmt):
+    """qemu-nbd serving an image read-write (what a running QEMU does):
+    vdk writers are refused; readers as qemu-img decides (qemu-nbd shares
+    writes to a raw image, so a raw reader may look)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', fmt, 'a.img', '1M'), 0)
+    sock = t.path('nbd.sock')
+    p = subprocess.Popen([QEMU_NBD, '-f', fmt, '-k', sock, 'a.img'], cwd=t.dir, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            expect(p.poll() is None, 'qemu-nbd is running')
+            time.sleep(0.05)
+        res = t.vdk('io', '-f', fmt, '-c', 'write 0 512', 'a.img')
+        expect(res.rc == 1 and MSG in res.err, 'vdk io (write) refused while qemu-nbd serves', res)
+        res = t.vdk('info', '-f', fmt, 'a.img')
+        q = t.qemu_img('info', '-f', fmt, 'a.img')
+        expect_eq(res.rc == 0, q.rc == 0, 'vdk info and qemu-img info agree (%s / %s)' % (res.err, q.err))
+        expect_eq(res.rc == 0, fmt == 'raw', 'a reader may look only at a raw image')
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
 def t_rebase_new_backing(t):
     """rebase onto a backing file qemu-io writes: refused, as by qemu-img;
     -U opens it anyway (qemu-img rebase -U), and the image itself is still
@@ -256,11 +283,13 @@ def t_rebase_new_backing(t):
         h.stop()
 
 
-for f in ('qcow2', 'raw', 'vmdk'):
+for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
     suite.add('same-lock-bytes-as-qemu/%s' % f, t_same_bytes, f)
 for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
     suite.add('qemu-writer-blocks-vdk/%s' % f, t_qemu_holds, f)
 suite.add('vdk-writer-blocks-qemu', t_vdk_holds)
+for f in ('qcow2', 'raw'):
+    suite.add('qemu-nbd-holds/%s' % f, t_qemu_nbd_holds, f)
 suite.add('readers-side-by-side', t_readers)
 suite.add('backing-file-in-use', t_backing)
 suite.add('no-replacing-an-open-image', t_replace)
