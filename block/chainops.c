@@ -64,7 +64,7 @@ open_node_rw(VdkImage *img, VdkNode *n, GError **error)
     VdkImage *r = vdk_image_open(n->filename, o, error);
     vdk_open_options_free(o);
     if (!r && relock) {
-        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, false, NULL);
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw ? 0 : VDK_LOCK_META, false, NULL);
     }
     return r;
 }
@@ -75,7 +75,7 @@ close_node_rw(VdkImage *img, VdkNode *n, VdkImage *r, GError **error)
 {
     (void)vdk_image_close(r, error);
     if (vdk_open_options_locks(&img->opts)) {
-        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, false, NULL);
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw ? 0 : VDK_LOCK_META, false, NULL);
     }
 }
 

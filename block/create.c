@@ -63,7 +63,7 @@ hold_old_file(const char *filename, VdkFile **held, GError **error)
     if (!f) {
         return true;
     }
-    if (!vdk_file_lock(f, true, false, false, error)) {
+    if (!vdk_file_lock(f, true, VDK_LOCK_META, false, error)) {
         vdk_file_close(f);
         return false;
     }
@@ -583,7 +583,7 @@ vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **er
         goto out;
     }
     /* formatting a device in place: a writer of it, locked as one */
-    if (cc.in_place && !vdk_file_lock(cc.file, true, false, false, error)) {
+    if (cc.in_place && !vdk_file_lock(cc.file, true, VDK_LOCK_META, false, error)) {
         goto out;
     }
     if (!o->drv->create(&cc, o, error)) {

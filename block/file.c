@@ -300,26 +300,30 @@ no_ofd_locks(VdkFile *f, bool required, int r, GError **error)
 }
 
 bool
-vdk_file_lock(VdkFile *f, bool write, bool raw_reader, bool required, GError **error)
+vdk_file_lock(VdkFile *f, bool write, unsigned unshare, bool required, GError **error)
 {
-    /* QEMU's choices: a writer uses read, write and resize and shares
-     * neither write nor resize (what a guest device asks); a reader through
-     * a format (qcow2, vmdk ...) uses read and shares neither either, since
-     * metadata changing under it would be misread; a raw reader shares all. */
+    /* QEMU's choices: a writer uses read, write and resize (what a guest
+     * device asks); a reader uses consistent read.  What is not shared
+     * depends on what the file holds (the callers' VDK_LOCK_*). */
     static const int use_w[] = {PERM_READ, PERM_WRITE, PERM_RESIZE};
-    static const int unshare_w[] = {PERM_WRITE, PERM_RESIZE};
     static const int use_r[] = {PERM_READ};
     const int *use = write ? use_w : use_r;
     int nuse = write ? 3 : 1;
-    const int *unshare = unshare_w;
-    int nunshare = raw_reader && !write ? 0 : 2;
+    int keep[2]; /* the permissions not shared */
+    int nunshare = 0;
+    if (unshare & VDK_LOCK_WRITE) {
+        keep[nunshare++] = PERM_WRITE;
+    }
+    if (unshare & VDK_LOCK_RESIZE) {
+        keep[nunshare++] = PERM_RESIZE;
+    }
     /* Someone who does not share what we use, or who uses what we do not
      * share: in use.  (Checked before and after taking ours, so two
      * openers racing both see each other.) */
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < nuse + nunshare; i++) {
             bool is_use = i < nuse;
-            int bit = is_use ? use[i] : unshare[i - nuse];
+            int bit = is_use ? use[i] : keep[i - nuse];
             off_t byte = (is_use ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + bit;
             int r = ofd_held(f->fd, byte);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
@@ -342,7 +346,7 @@ vdk_file_lock(VdkFile *f, bool write, bool raw_reader, bool required, GError **e
         }
         for (int i = 0; i < nuse + nunshare; i++) {
             bool is_use = i < nuse;
-            int bit = is_use ? use[i] : unshare[i - nuse];
+            int bit = is_use ? use[i] : keep[i - nuse];
             int r = ofd_lock(f->fd, (is_use ? LOCK_PERM_BASE : LOCK_SHARED_BASE) + bit);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
                 vdk_file_unlock(f);

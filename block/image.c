@@ -335,8 +335,8 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
 
     /* locked once the format is known (a raw reader shares writes, as in qemu) */
     if (vdk_open_options_locks(&img->opts) &&
-        !vdk_file_lock(n->file, !read_only, n->drv == &vdk_format_raw, img->opts.locking == VDK_LOCKING_ON,
-                       error)) {
+        !vdk_file_lock(n->file, !read_only, !read_only || n->drv != &vdk_format_raw ? VDK_LOCK_META : 0,
+                       img->opts.locking == VDK_LOCKING_ON, error)) {
         node_free(n);
         return NULL;
     }

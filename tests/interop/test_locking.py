@@ -44,14 +44,27 @@ class Holder:
                 raise AssertionError('the holder exited: %s' % self.p.stderr.read().decode())
             time.sleep(0.05)
         expect(self.locks(), '%s holds locks on %s' % (tool, img))
+        # the bytes are locked one at a time: wait until the set is stable
+        prev = None
+        while self.locks() != prev and time.monotonic() < deadline:
+            prev = self.locks()
+            time.sleep(0.05)
 
     def locks(self):
         """Byte ranges locked on the image file (from /proc/locks)."""
+        return Holder.locks_of_ino(self.ino)
+
+    @staticmethod
+    def locks_of(path):
+        return Holder.locks_of_ino(os.stat(path).st_ino)
+
+    @staticmethod
+    def locks_of_ino(ino):
         out = []
         with open('/proc/locks') as f:
             for line in f:
                 p = line.split()
-                if 'OFDLCK' in p and p[-3].endswith(':%d' % self.ino):
+                if 'OFDLCK' in p and p[-3].endswith(':%d' % ino):
                     out.append((int(p[-2]), int(p[-1])))
         return sorted(out)
 
@@ -90,6 +103,28 @@ def t_same_bytes(t, fmt):
             expect_eq(v, q, 'lock bytes of a %s' % ('reader' if ro else 'writer'))
         if ro:
             expect_eq(v, [100] if fmt == 'raw' else [100, 201, 203], 'a reader\'s lock bytes')
+
+
+def t_same_bytes_extents(t, sub):
+    """Multi-file vmdk: the descriptor and the extent files get the bytes
+    qemu-io gives them (a flat extent holds only data: writes shared,
+    resizes not; a sparse extent has metadata: neither)."""
+    expect_rc(t.qemu_img('create', '-q', '-f', 'vmdk', '-o', 'subformat=' + sub, 'm.vmdk', '1M'), 0)
+    ext = [f for f in sorted(os.listdir(t.dir)) if f.startswith('m-')][0]
+    for ro in (False, True):
+        got = {}
+        for tool in ('qemu', 'vdk'):
+            h = Holder(t, tool, 'm.vmdk', ro, fmt='vmdk')
+            deadline = time.monotonic() + 10  # the extents are locked after the descriptor
+            while not Holder.locks_of(t.path(ext)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.1)
+            got[tool] = (lock_bytes(h.locks()), lock_bytes(Holder.locks_of(t.path(ext))))
+            h.stop()
+        expect_eq(got['vdk'], got['qemu'], '%s %s: descriptor and extent bytes' % (sub, 'reader' if ro else 'writer'))
+        flat = 'Flat' in sub
+        want = ([100] if ro else [100, 101, 103]) + ([] if flat else [201]) + [203]
+        expect_eq(got['vdk'][1], want, 'the extent\'s bytes')
 
 
 def t_qemu_holds(t, fmt):
@@ -206,16 +241,34 @@ def t_replace(t):
         expect(res.rc != 0 and 'Failed to get "write" lock' in res.err, 'qemu-img create refused', res)
     finally:
         h.stop()
-    # a vmdk extent held by qemu-io
+    # a vmdk extent file someone has open as raw: qemu-io shares writes and
+    # resizes (qemu-io -f vmdk may write then, and so may vdk); qemu-nbd
+    # does not share resizes (both refuse, "resize" lock).  Replacing it is
+    # refused either way.
     expect_rc(t.vdk('create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentFlat', 'm.vmdk', '1M'), 0)
     h = Holder(t, 'qemu', 'm-f001.vmdk', fmt='raw')
     try:
         res = t.vdk('create', '-q', '-f', 'vmdk', '--force', '-o', 'subformat=twoGbMaxExtentFlat', 'm.vmdk', '1M')
         expect(res.rc == 1 and 'm-f001.vmdk' in res.err and MSG in res.err, 'an extent in use', res)
-        res = t.vdk('io', '-f', 'vmdk', '-c', 'write 0 512', 'm.vmdk')
-        expect(res.rc == 1 and 'm-f001.vmdk' in res.err and MSG in res.err, 'vdk io: an extent in use', res)
+        expect_rc(t.qemu_io_raw('m.vmdk', ['write 0 512'], fmt='vmdk'), 0, 'qemu-io writes the vmdk')
+        expect_rc(t.vdk('io', '-f', 'vmdk', '-c', 'write 0 512', 'm.vmdk'), 0, 'vdk io writes the vmdk')
     finally:
         h.stop()
+    sock = t.path('nbd.sock')
+    p = subprocess.Popen([QEMU_NBD, '-f', 'raw', '-k', sock, 'm-f001.vmdk'], cwd=t.dir, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        res = t.qemu_io_raw('m.vmdk', ['write 0 512'], fmt='vmdk')
+        expect(res.rc != 0 and '"resize" lock' in res.out + res.err, 'qemu-io refused', res)
+        res = t.vdk('io', '-f', 'vmdk', '-c', 'write 0 512', 'm.vmdk')
+        expect(res.rc == 1 and 'm-f001.vmdk' in res.err and MSG in res.err and '"resize" lock' in res.err,
+               'vdk io: an extent in use', res)
+    finally:
+        p.terminate()
+        p.wait(10)
 
 
 def t_locking_option(t):
@@ -285,6 +338,8 @@ def t_rebase_new_backing(t):
 
 for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
     suite.add('same-lock-bytes-as-qemu/%s' % f, t_same_bytes, f)
+for sub in ('twoGbMaxExtentFlat', 'twoGbMaxExtentSparse', 'monolithicFlat'):
+    suite.add('same-lock-bytes-as-qemu/vmdk-%s' % sub, t_same_bytes_extents, sub)
 for f in ('qcow2', 'raw', 'vmdk', 'vdi'):
     suite.add('qemu-writer-blocks-vdk/%s' % f, t_qemu_holds, f)
 suite.add('vdk-writer-blocks-qemu', t_vdk_holds)
