@@ -69,9 +69,11 @@ struct VdkOpenOptions {
     bool check;   /* "check": opened to be checked: inconsistencies the check
                    * reports do not refuse the open */
     bool force_share; /* "force-share": read-only, no image locks checked or taken */
-    bool no_locking;  /* "locking"=off ("file.locking"): no image locks at all */
     bool no_io;       /* "no-io": only metadata is looked at (info): an
                        * encrypted image opens without its key */
+    VdkLocking locking; /* "locking" ("file.locking"): on, off, auto */
+    char *bad_locking;  /* an invalid "locking" value, refused by the open */
+    bool rebase_force_share; /* "rebase.force-share": rebase's new backing file, -U */
     GHashTable *extra; /* key -> value, driver options */
     GHashTable *secrets; /* secret id -> GBytes (passphrases; never logged) */
 };
@@ -118,12 +120,23 @@ void vdk_file_close(VdkFile *f);
  * Image locking, compatible with QEMU's: OFD locks on single bytes of the
  * file, 100 + n for "uses permission n" and 200 + n for "does not share
  * permission n" (n: 0 consistent read, 1 write, 3 resize).  A writer uses
- * read, write and resize and shares neither write nor resize; a reader uses
- * read and, unless it reads a raw image (@raw_reader), shares neither
- * either, so it refuses to open while someone writes.  Conflicts give
- * "image is in use by another process".
+ * read, write and resize, a reader read; @unshare (VDK_LOCK_*) is what the
+ * opener does not let others do.  Conflicts give "image is in use by
+ * another process".  Where the file system has no OFD locks the file stays
+ * unlocked, or with @required the call fails (ENOTSUP).
  */
-bool vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error);
+enum { VDK_LOCK_WRITE = 1u << 1, VDK_LOCK_RESIZE = 1u << 3 };
+/* What QEMU does not share on a file holding metadata (qcow2, vdi, sparse
+ * vmdk, the file of a raw writer): write and resize.  A raw reader shares
+ * both (0); a vmdk flat extent (data only) shares write, not resize. */
+#define VDK_LOCK_META (VDK_LOCK_WRITE | VDK_LOCK_RESIZE)
+bool vdk_file_lock(VdkFile *f, bool write, unsigned unshare, bool required, GError **error);
+/* Whether an image opened with @o checks and takes locks at all. */
+static inline bool
+vdk_open_options_locks(const VdkOpenOptions *o)
+{
+    return !o->force_share && o->locking != VDK_LOCKING_OFF;
+}
 /* Drop this file's image locks (before this process reopens it to write). */
 void vdk_file_unlock(VdkFile *f);
 /* Current length (BLKGETSIZE64 for devices), refreshed from the kernel. */

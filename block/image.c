@@ -38,6 +38,7 @@ vdk_open_options_free(VdkOpenOptions *o)
     }
     g_free(o->format);
     g_free(o->engine);
+    g_free(o->bad_locking);
     g_hash_table_unref(o->extra);
     if (o->secrets) {
         g_hash_table_unref(o->secrets);
@@ -106,6 +107,19 @@ vdk_open_options_set_engine(VdkOpenOptions *o, const char *engine, GError **erro
 }
 
 void
+vdk_open_options_set_force_share(VdkOpenOptions *o, bool force_share)
+{
+    o->force_share = force_share;
+}
+
+void
+vdk_open_options_set_locking(VdkOpenOptions *o, VdkLocking locking)
+{
+    g_clear_pointer(&o->bad_locking, g_free);
+    o->locking = locking;
+}
+
+void
 vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 {
     if (strcmp(key, "repair") == 0) {
@@ -121,8 +135,21 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
         o->force_share = strcmp(value, "off") != 0;
         return;
     }
+    if (strcmp(key, "rebase.force-share") == 0) {
+        o->rebase_force_share = strcmp(value, "off") != 0;
+        return;
+    }
     if (strcmp(key, "locking") == 0 || strcmp(key, "file.locking") == 0) {
-        o->no_locking = strcmp(value, "off") == 0;
+        g_clear_pointer(&o->bad_locking, g_free);
+        if (strcmp(value, "off") == 0) {
+            o->locking = VDK_LOCKING_OFF;
+        } else if (strcmp(value, "on") == 0) {
+            o->locking = VDK_LOCKING_ON;
+        } else if (strcmp(value, "auto") == 0) {
+            o->locking = VDK_LOCKING_AUTO;
+        } else {
+            o->bad_locking = g_strdup(value);
+        }
         return;
     }
     if (strcmp(key, "no-io") == 0) {
@@ -341,8 +368,9 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
     }
 
     /* locked once the format is known (a raw reader shares writes, as in qemu) */
-    if (!img->opts.force_share && !img->opts.no_locking &&
-        !vdk_file_lock(n->file, !read_only, n->drv == &vdk_format_raw, error)) {
+    if (vdk_open_options_locks(&img->opts) &&
+        !vdk_file_lock(n->file, !read_only, !read_only || n->drv != &vdk_format_raw ? VDK_LOCK_META : 0,
+                       img->opts.locking == VDK_LOCKING_ON, error)) {
         node_free(n);
         return NULL;
     }
@@ -439,10 +467,18 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.repair = opts->repair;
     img->opts.check = opts->check;
     img->opts.force_share = opts->force_share;
-    img->opts.no_locking = opts->no_locking;
+    img->opts.locking = opts->locking;
+    img->opts.rebase_force_share = opts->rebase_force_share;
     img->opts.extra = g_hash_table_ref(opts->extra);
     img->opts.no_io = opts->no_io;
     img->opts.secrets = opts->secrets ? g_hash_table_ref(opts->secrets) : NULL;
+    if (opts->bad_locking) {
+        g_set_error(error, VDK_ERROR, EINVAL, "invalid locking value '%s' (expected on, off or auto)",
+                    opts->bad_locking);
+        vdk_open_options_free(defaults);
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
     if (img->opts.force_share && !img->opts.read_only) {
         g_set_error(error, VDK_ERROR, EINVAL, "force-share=on can only be used with read-only images");
         vdk_image_close(img, NULL);

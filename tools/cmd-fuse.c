@@ -3,9 +3,11 @@
  * cmd-fuse.c - `vdk fuse`: present an image's guest-visible content as one
  * regular file (libfuse3), as qemu-storage-daemon's FUSE export does.
  *
- * The mountpoint is a regular file; the image is mounted over it.  Reads
- * and writes go through the library's sync calls (every FUSE request is
- * served from one thread, in order); fsync/flush flush the image; fallocate
+ * The mountpoint is a regular file; the image is mounted over it.  FUSE
+ * requests are served by libfuse's worker threads (fuse_loop_mt), each with
+ * a VdkQueue of its own (the library's one-queue-per-thread model), so
+ * requests from parallel readers and writers run side by side instead of
+ * one at a time through the sync calls.  fsync/flush flush the image; fallocate
  * with PUNCH_HOLE or ZERO_RANGE becomes write_zeroes (may unmap), so the
  * range reads as zeroes afterwards; lseek SEEK_DATA/SEEK_HOLE walks block
  * status.  SIGINT, SIGTERM and SIGHUP (or `fusermount3 -u MOUNTPOINT`) end
@@ -21,6 +23,7 @@
 #include <fuse.h>
 #include <getopt.h>
 #include <linux/falloc.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -44,17 +47,102 @@ static const char fuse_help[] =
     "  --aio=AIO         I/O engine: io_uring, native, threads (default auto)\n"
     "  -U, --force-share open without locking (read-only only)\n";
 
+/* libfuse's default maximum of worker threads (FUSE_LOOP_MT_DEF_MAX_THREADS);
+ * kept alive while idle so each keeps its queue */
+#define FX_IDLE_THREADS 10
+/* requests a worker has in flight at once: one (it waits for each) */
+#define FX_QUEUE_DEPTH 4
+
+typedef struct FxQueue FxQueue;
+
 typedef struct {
     VdkImage *img;
     uint64_t size;
     bool read_only;
     struct stat st; /* the mountpoint as it was: owner, times */
+    pthread_key_t key; /* the worker thread's FxQueue */
+    GMutex lock;       /* queues */
+    FxQueue *queues;   /* every live worker queue, freed at the end at the latest */
 } FuseExport;
+
+struct FxQueue {
+    FuseExport *e;
+    VdkQueue *q;
+    FxQueue *next;
+};
+
+static void
+fxq_unlink_free(FxQueue *x)
+{
+    FuseExport *e = x->e;
+    g_mutex_lock(&e->lock);
+    for (FxQueue **pp = &e->queues; *pp; pp = &(*pp)->next) {
+        if (*pp == x) {
+            *pp = x->next;
+            break;
+        }
+    }
+    g_mutex_unlock(&e->lock);
+    vdk_queue_free(x->q);
+    g_free(x);
+}
+
+/* pthread key destructor: a worker thread that ends takes its queue along */
+static void
+fxq_thread_end(void *p)
+{
+    fxq_unlink_free(p);
+}
 
 static FuseExport *
 fx(void)
 {
     return fuse_get_context()->private_data;
+}
+
+/* The calling worker thread's queue, made on its first request. */
+static VdkQueue *
+fx_queue(FuseExport *e)
+{
+    FxQueue *x = pthread_getspecific(e->key);
+    if (x) {
+        return x->q;
+    }
+    GError *err = NULL;
+    VdkQueue *q = vdk_queue_new(e->img, FX_QUEUE_DEPTH, &err);
+    if (!q) {
+        g_log("vdk", G_LOG_LEVEL_DEBUG, "fuse: cannot make a queue: %s", err->message);
+        g_error_free(err);
+        return NULL;
+    }
+    x = g_new0(FxQueue, 1);
+    x->e = e;
+    x->q = q;
+    if (pthread_setspecific(e->key, x) != 0) {
+        vdk_queue_free(q);
+        g_free(x);
+        return NULL;
+    }
+    g_mutex_lock(&e->lock);
+    x->next = e->queues;
+    e->queues = x;
+    g_mutex_unlock(&e->lock);
+    return q;
+}
+
+/* Wait for the one request just queued (@queued: the queue call's result). */
+static int64_t
+fx_wait(VdkQueue *q, int queued)
+{
+    if (queued < 0) {
+        return queued;
+    }
+    VdkCompletion c;
+    int r;
+    do {
+        r = vdk_queue_submit_and_wait(q, &c, 1, 1, -1);
+    } while (r == 0 || r == -EINTR);
+    return r < 0 ? r : c.result;
 }
 
 static int
@@ -107,8 +195,12 @@ fx_read(const char *path, char *buf, size_t len, off_t off, struct fuse_file_inf
         return 0;
     }
     len = (size_t)MIN((uint64_t)len, e->size - (uint64_t)off);
-    int r = vdk_image_pread(e->img, buf, len, (uint64_t)off);
-    return r < 0 ? r : (int)len;
+    VdkQueue *q = fx_queue(e);
+    if (!q) {
+        return -ENOMEM;
+    }
+    int64_t r = fx_wait(q, vdk_queue_read(q, (uint64_t)off, buf, len, 0));
+    return r < 0 ? (int)r : (int)len;
 }
 
 static int
@@ -127,15 +219,27 @@ fx_write(const char *path, const char *buf, size_t len, off_t off, struct fuse_f
         return len ? -ENOSPC : 0;
     }
     len = (size_t)MIN((uint64_t)len, e->size - (uint64_t)off);
-    int r = vdk_image_pwrite(e->img, buf, len, (uint64_t)off, 0);
-    return r < 0 ? r : (int)len;
+    VdkQueue *q = fx_queue(e);
+    if (!q) {
+        return -ENOMEM;
+    }
+    int64_t r = fx_wait(q, vdk_queue_write(q, (uint64_t)off, buf, len, 0, 0));
+    return r < 0 ? (int)r : (int)len;
 }
 
 static int
 fx_flush_image(void)
 {
     FuseExport *e = fx();
-    return e->read_only ? 0 : vdk_image_flush(e->img);
+    if (e->read_only) {
+        return 0;
+    }
+    VdkQueue *q = fx_queue(e);
+    if (!q) {
+        return -ENOMEM;
+    }
+    int64_t r = fx_wait(q, vdk_queue_flush(q, 0));
+    return r < 0 ? (int)r : 0;
 }
 
 static int
@@ -187,7 +291,12 @@ fx_fallocate(const char *path, int mode, off_t off, off_t len, struct fuse_file_
         }
         end = MIN(end, e->size);
         unsigned flags = (mode & FALLOC_FL_PUNCH_HOLE) ? VDK_REQ_MAY_UNMAP : 0;
-        return vdk_image_write_zeroes(e->img, (uint64_t)off, end - (uint64_t)off, flags);
+        VdkQueue *q = fx_queue(e);
+        if (!q) {
+            return -ENOMEM;
+        }
+        int64_t r = fx_wait(q, vdk_queue_write_zeroes(q, (uint64_t)off, end - (uint64_t)off, flags, 0));
+        return r < 0 ? (int)r : 0;
     }
     if (mode == 0 || mode == FALLOC_FL_KEEP_SIZE) {
         /* the disk is all addressable already; growing it is not ours */
@@ -208,12 +317,16 @@ fx_lseek(const char *path, off_t off, int whence, struct fuse_file_info *fi)
     if (off < 0 || (uint64_t)off >= e->size) {
         return -ENXIO;
     }
+    VdkQueue *q = fx_queue(e);
+    if (!q) {
+        return -ENOMEM;
+    }
     uint64_t pos = (uint64_t)off;
     while (pos < e->size) {
         VdkBlockStatus bs;
-        int r = vdk_image_block_status(e->img, pos, e->size - pos, &bs);
+        int64_t r = fx_wait(q, vdk_queue_block_status(q, pos, e->size - pos, &bs, 0));
         if (r < 0) {
-            return r;
+            return (off_t)r;
         }
         bool data = (bs.flags & VDK_BS_DATA) || !(bs.flags & VDK_BS_ZERO);
         if (data == (whence == SEEK_DATA)) {
@@ -314,6 +427,13 @@ cmd_fuse(int argc, char **argv)
     }
     e.size = vdk_image_get_size(e.img);
     e.read_only = vdk_image_is_read_only(e.img);
+    g_mutex_init(&e.lock);
+    if (pthread_key_create(&e.key, fxq_thread_end) != 0) {
+        tool_error(NULL, "cannot make a thread key");
+        g_mutex_clear(&e.lock);
+        vdk_image_close(e.img, NULL);
+        return 1;
+    }
 
     char *fsname = g_strdup_printf("-ofsname=vdk:%s,subtype=vdk%s", filename, e.read_only ? ",ro" : "");
     char *fargv[] = {"vdk", fsname, NULL};
@@ -336,8 +456,10 @@ cmd_fuse(int argc, char **argv)
         fuse_destroy(f);
         goto out_close;
     }
-    /* one thread: the sync calls serialise anyway, and requests stay in order */
-    int lr = fuse_loop(f);
+    /* worker threads, each with its own queue; the loop returns once they
+     * are joined (their queues go with them) */
+    struct fuse_loop_config cfg = {.clone_fd = 0, .max_idle_threads = FX_IDLE_THREADS};
+    int lr = fuse_loop_mt(f, &cfg);
     fuse_remove_signal_handlers(se);
     fuse_unmount(f);
     fuse_destroy(f);
@@ -345,7 +467,14 @@ cmd_fuse(int argc, char **argv)
     if (lr < 0) {
         tool_error(mountpoint, "the FUSE loop failed: %s", g_strerror(-lr));
     }
-out_close:;
+out_close:
+    /* queues of threads that did not run their key destructor (none, when
+     * libfuse joined them all) go before the image */
+    while (e.queues) {
+        fxq_unlink_free(e.queues);
+    }
+    pthread_key_delete(e.key);
+    g_mutex_clear(&e.lock);
     GError *err = NULL;
     if (!vdk_image_close(e.img, &err)) {
         tool_gerror(filename, err);

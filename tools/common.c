@@ -263,6 +263,10 @@ tool_open_image_opts(const char *spec, const ToolOpen *base, char **display)
     ToolOpen o = *base;
     o.image_opts = false;
     GPtrArray *extra = g_ptr_array_new();
+    /* the command's own open options first; the spec's may override them */
+    for (guint i = 0; base->opts && i < base->opts->len; i++) {
+        g_ptr_array_add(extra, base->opts->pdata[i]);
+    }
     const char *filename = NULL;
     bool direct = false, no_flush = false;
     for (guint i = 0; i + 1 < kv->len; i += 2) {

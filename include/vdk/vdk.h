@@ -115,6 +115,34 @@ VDK_API bool vdk_open_options_set_cache(VdkOpenOptions *opts, const char *mode, 
 VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engine, GError **error);
 
 /**
+ * vdk_open_options_set_force_share: (qemu-img -U) open a read-only image
+ * without checking or taking image locks, to peek at an image another
+ * process may be writing (what is read may be inconsistent).  With a
+ * read-write open, vdk_image_open() fails with EINVAL.
+ */
+VDK_API void vdk_open_options_set_force_share(VdkOpenOptions *opts, bool force_share);
+
+/** Image locking modes (QEMU's file.locking). */
+typedef enum {
+    VDK_LOCKING_AUTO = 0, /* lock where the file system has OFD locks (the default) */
+    VDK_LOCKING_ON,       /* lock; fail the open (ENOTSUP) where it cannot */
+    VDK_LOCKING_OFF,      /* take and check no locks at all */
+} VdkLocking;
+
+/**
+ * vdk_open_options_set_locking: every file of the image (the image, its
+ * backing files, vmdk extents) is locked the way QEMU locks it: OFD locks
+ * on byte 100 + n of the file for "uses permission n" and 200 + n for "does
+ * not share permission n" (n: 0 consistent read, 1 write, 3 resize).  A
+ * writer uses read, write and resize and shares neither write nor resize; a
+ * reader uses read and, through a format other than raw, shares neither
+ * either.  So a vdk writer and a QEMU, qemu-img, qemu-nbd or vdk user of the
+ * same image see each other: the later open fails with EAGAIN and
+ * "image is in use by another process (failed to get ... lock)".
+ */
+VDK_API void vdk_open_options_set_locking(VdkOpenOptions *opts, VdkLocking locking);
+
+/**
  * vdk_open_options_set: a driver or block-layer option by name, e.g.
  * ("l2-cache-size", "4M").  Unknown keys make vdk_image_open() fail with an
  * error that names them.  ("repair", "on") lets a read-write open proceed
@@ -126,8 +154,10 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
  * (OFD locks on bytes 100.. and 200.. of the file), so a vdk writer and a
  * QEMU or qemu-img writer see each other; a conflict fails the open with
  * EAGAIN and "image is in use by another process".  ("force-share", "on")
- * opens a read-only image without checking or taking locks (qemu-img -U);
- * ("locking", "off") (also "file.locking") takes none at all.
+ * is vdk_open_options_set_force_share(); ("locking", "on" | "off" | "auto")
+ * (also spelt "file.locking") is vdk_open_options_set_locking();
+ * ("rebase.force-share", "on") makes vdk_image_rebase() open the new backing
+ * file with force-share (qemu-img rebase -U).
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 
-from vdktest import MiB, VDK, Suite, expect, expect_eq, expect_rc, main
+from vdktest import QEMU_IO, MiB, VDK, Suite, expect, expect_eq, expect_rc, main
 
 suite = Suite('fuse')
 
@@ -134,6 +134,66 @@ def t_read_only(t):
     expect(t.content('img') == before, 'the image is unchanged')
 
 
+def t_parallel(t, fmt):
+    """Several writers and readers at once (the export serves requests on
+    several threads, one queue each): every region reads back as written,
+    and the image is consistent."""
+    expect_rc(t.vdk('create', '-q', '-f', fmt, 'img', str(SIZE)), 0, 'create')
+    t.sparse('mirror.raw', SIZE)
+    pats = []
+    for i in range(6):
+        with open(t.path('pat%d' % i), 'wb') as f:
+            f.write(os.urandom(2 * MiB + 512 * i))
+        pats.append('pat%d' % i)
+    m = Mount(t, 'img', fmt)
+    try:
+        procs = []
+        for i, pat in enumerate(pats):
+            # interleaved 64 KiB pieces: neighbours share clusters and L2 tables
+            procs.append(subprocess.Popen(['dd', 'status=none', 'if=' + pat, 'of=' + m.mnt, 'bs=64k',
+                                           'seek=%d' % (i * 40 + 3), 'conv=notrunc'], cwd=t.dir))
+            procs.append(subprocess.Popen(['dd', 'status=none', 'if=' + m.mnt, 'of=/dev/null', 'bs=256k'],
+                                          cwd=t.dir))
+        for p in procs:
+            expect_eq(p.wait(60), 0, 'dd exit status')
+        for i, pat in enumerate(pats):
+            dd(t, 'if=' + pat, 'of=' + t.path('mirror.raw'), 'bs=64k', 'seek=%d' % (i * 40 + 3), 'conv=notrunc')
+        r = subprocess.run(['cmp', m.mnt, t.path('mirror.raw')], capture_output=True, text=True)
+        expect(r.returncode == 0, 'cmp after parallel writes: %s' % r.stdout)
+    finally:
+        rc, err = m.stop()
+    expect(rc == 0 and err == '', 'vdk fuse exits cleanly: %r' % err)
+    if fmt != 'raw':
+        expect_rc(t.qemu_img('check', '-f', fmt, 'img'), 0, 'qemu-img check')
+    r = t.qemu_img('compare', '-f', fmt, '-F', 'raw', 'img', 'mirror.raw')
+    expect(r.rc == 0, 'qemu-img compare with the mirror', r)
+
+
+def t_term_while_writing(t, fmt):
+    """SIGTERM while a writer is busy: vdk fuse unmounts, flushes and exits
+    0; the image is consistent, and everything the writer had fsync'ed
+    before is there."""
+    expect_rc(t.vdk('create', '-q', '-f', fmt, 'img', str(SIZE)), 0, 'create')
+    with open(t.path('pat'), 'wb') as f:
+        f.write(os.urandom(4 * MiB))
+    m = Mount(t, 'img', fmt)
+    dd(t, 'if=pat', 'of=' + m.mnt, 'bs=1M', 'conv=notrunc,fsync')
+    # 4 KiB writes from 5 MiB to the end: seconds of work
+    w = subprocess.Popen(['dd', 'status=none', 'if=/dev/urandom', 'of=' + m.mnt, 'bs=4k', 'seek=1280',
+                          'conv=notrunc'], cwd=t.dir, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    expect(w.poll() is None, 'the writer is still writing when SIGTERM comes')
+    rc, err = m.stop(signal.SIGTERM)
+    w.wait(30)
+    expect(rc == 0 and err == '', 'vdk fuse exits cleanly after SIGTERM: %r' % err)
+    if fmt != 'raw':
+        expect_rc(t.qemu_img('check', '-f', fmt, 'img'), 0, 'qemu-img check after SIGTERM')
+    r = subprocess.run([VDK, 'dd', '-f', fmt, 'if=img', 'of=head.raw', 'bs=1M', 'count=4'], cwd=t.dir,
+                       capture_output=True, text=True)
+    expect(r.returncode == 0, 'vdk dd: %s' % r.stderr)
+    expect(t.content('head.raw') == t.content('pat'), 'the fsync\'ed data survived')
+
+
 def t_errors(t):
     expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'img', '1M'), 0)
     os.mkdir(t.path('dir'))
@@ -141,6 +201,27 @@ def t_errors(t):
     expect(r.rc == 1 and 'regular file' in r.err and r.err.count('\n') == 1, 'a directory mountpoint', r)
     r = t.vdk('fuse', 'img', 'nosuch')
     expect(r.rc == 1 and r.err.startswith('vdk: nosuch: '), 'a missing mountpoint', r)
+    # an image another process writes: refused as by every writer; -r -U peeks
+    open(t.path('mnt'), 'w').close()
+    q = subprocess.Popen([QEMU_IO, '-f', 'qcow2', '-c', 'sleep 20000', 'img'], cwd=t.dir,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        ino = os.stat(t.path('img')).st_ino
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                ':%d ' % ino in l for l in open('/proc/locks')):
+            time.sleep(0.05)
+        r = t.vdk('fuse', '-f', 'qcow2', 'img', 'mnt')
+        expect(r.rc == 1 and r.err.startswith('vdk: img: ') and 'image is in use by another process' in r.err,
+               'an image in use', r)
+        m = Mount(t, 'img', 'qcow2', ['-r', '-U'])
+        with open(m.mnt, 'rb') as f:
+            expect(f.read(4096) == bytes(4096), 'reads through -r -U')
+        rc, err = m.stop()
+        expect_eq(rc, 0, 'exit status')
+    finally:
+        q.kill()
+        q.wait()
     r = t.vdk('fuse', '--help')
     expect(r.rc == 0 and 'usage: vdk fuse' in r.out, '--help', r)
 
@@ -148,6 +229,10 @@ def t_errors(t):
 for fmt in ('raw', 'qcow2', 'vdi', 'vmdk'):
     suite.add('rw/%s' % fmt, t_rw, fmt, 'fusermount')
 suite.add('rw/qcow2-sigterm', t_rw, 'qcow2', signal.SIGTERM)
+for fmt in ('qcow2', 'vdi', 'vmdk', 'raw'):
+    suite.add('parallel/%s' % fmt, t_parallel, fmt)
+for fmt in ('qcow2', 'vdi'):
+    suite.add('sigterm-while-writing/%s' % fmt, t_term_while_writing, fmt)
 suite.add('read-only', t_read_only)
 suite.add('errors', t_errors)
 
