@@ -231,7 +231,8 @@ worker(gpointer p)
         }
         if (!issued || inflight == INFLIGHT || op == OPS) {
             VdkCompletion c[INFLIGHT];
-            int n = vdk_queue_wait(q, c, INFLIGHT, 1, 20000);
+            /* generous: sanitizer builds on a loaded machine are slow */
+            int n = vdk_queue_wait(q, c, INFLIGHT, 1, 120000);
             g_assert_cmpint(n, >, 0);
             for (int i = 0; i < n; i++) {
                 if (complete(w, q, slots, (int)c[i].user_data, &c[i])) {
