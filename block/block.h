@@ -35,6 +35,15 @@ typedef struct VdkChild VdkChild;
 typedef struct VdkOptionDesc VdkOptionDesc;
 typedef struct VdkInfo VdkInfo;
 typedef struct VdkCheckResult VdkCheckResult;
+typedef struct VdkCipher VdkCipher;
+
+/* An encrypted node's data cipher (block/crypt-io.c). */
+typedef struct VdkNodeCrypt {
+    VdkCipher *cipher; /* owned */
+    bool host_iv;      /* IVs count host sectors (qcow2 LUKS), else guest sectors */
+    GMutex lock;
+    GThreadPool *pool; /* cipher workers, created at first use */
+} VdkNodeCrypt;
 
 /* Requests larger than this are refused with -EINVAL (NBD's and virtio's
  * usual limits are far below; it bounds bounce-buffer allocations). */
@@ -60,9 +69,17 @@ struct VdkOpenOptions {
     bool check;   /* "check": opened to be checked: inconsistencies the check
                    * reports do not refuse the open */
     bool force_share; /* "force-share": read-only, no image locks checked or taken */
-    bool no_locking;  /* "locking"=off ("file.locking"): no image locks at all */
+    bool no_io;       /* "no-io": only metadata is looked at (info): an
+                       * encrypted image opens without its key */
+    VdkLocking locking; /* "locking" ("file.locking"): on, off, auto */
+    char *bad_locking;  /* an invalid "locking" value, refused by the open */
+    bool rebase_force_share; /* "rebase.force-share": rebase's new backing file, -U */
     GHashTable *extra; /* key -> value, driver options */
+    GHashTable *secrets; /* secret id -> GBytes (passphrases; never logged) */
 };
+
+/* The secret named @id in @secrets (NULL table or unknown id: NULL). */
+GBytes *vdk_secret_lookup(GHashTable *secrets, const char *id);
 
 const char *vdk_cache_mode_name(VdkCacheMode mode);
 bool vdk_cache_mode_parse(const char *s, VdkCacheMode *out, GError **error);
@@ -103,12 +120,23 @@ void vdk_file_close(VdkFile *f);
  * Image locking, compatible with QEMU's: OFD locks on single bytes of the
  * file, 100 + n for "uses permission n" and 200 + n for "does not share
  * permission n" (n: 0 consistent read, 1 write, 3 resize).  A writer uses
- * read, write and resize and shares neither write nor resize; a reader uses
- * read and, unless it reads a raw image (@raw_reader), shares neither
- * either, so it refuses to open while someone writes.  Conflicts give
- * "image is in use by another process".
+ * read, write and resize, a reader read; @unshare (VDK_LOCK_*) is what the
+ * opener does not let others do.  Conflicts give "image is in use by
+ * another process".  Where the file system has no OFD locks the file stays
+ * unlocked, or with @required the call fails (ENOTSUP).
  */
-bool vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error);
+enum { VDK_LOCK_WRITE = 1u << 1, VDK_LOCK_RESIZE = 1u << 3 };
+/* What QEMU does not share on a file holding metadata (qcow2, vdi, sparse
+ * vmdk, the file of a raw writer): write and resize.  A raw reader shares
+ * both (0); a vmdk flat extent (data only) shares write, not resize. */
+#define VDK_LOCK_META (VDK_LOCK_WRITE | VDK_LOCK_RESIZE)
+bool vdk_file_lock(VdkFile *f, bool write, unsigned unshare, bool required, GError **error);
+/* Whether an image opened with @o checks and takes locks at all. */
+static inline bool
+vdk_open_options_locks(const VdkOpenOptions *o)
+{
+    return !o->force_share && o->locking != VDK_LOCKING_OFF;
+}
 /* Drop this file's image locks (before this process reopens it to write). */
 void vdk_file_unlock(VdkFile *f);
 /* Current length (BLKGETSIZE64 for devices), refreshed from the kernel. */
@@ -226,6 +254,7 @@ struct VdkCreateOptions {
     GPtrArray *order;   /* keys in the order given, for the "Formatting" line */
     bool overwrite;
     bool no_backing_open; /* qemu-img create -u */
+    GHashTable *secrets;  /* secret id -> GBytes (encrypt.key-secret) */
 };
 /* Where a backing name recorded in @image points: absolute names as they
  * are, relative ones joined textually to @image's directory (as qemu). */
@@ -266,13 +295,10 @@ typedef struct VdkCheckResult {
     GPtrArray *messages; /* one line per problem, in qemu-img's wording */
 } VdkCheckResult;
 
-enum {
-    VDK_CHECK_FIX_LEAKS = 1,
-    VDK_CHECK_FIX_ERRORS = 2,
-};
 
 struct VdkInfo {
     uint64_t cluster_size; /* 0: none */
+    bool encrypted;
     bool dirty;
     char *backing_filename;
     char *backing_format;
@@ -373,6 +399,13 @@ struct VdkFormat {
      * sizes before and after.  Blocking; no I/O in flight.  NULL: not
      * supported. */
     bool (*compact)(VdkNode *n, uint64_t *before, uint64_t *after, GError **error);
+    /* Persistent bitmap action (vdk_image_bitmap).  Blocking; no I/O in
+     * flight.  NULL: the format has no bitmaps. */
+    bool (*bitmap)(VdkNode *n, const VdkBitmapOp *op, GError **error);
+    /* Called on every writable node before the final flush of a close
+     * (store what the format keeps in memory); may do control-path I/O.
+     * NULL: nothing to do. */
+    bool (*before_close)(VdkNode *n, GError **error);
 };
 
 extern const VdkFormat vdk_format_raw;
@@ -407,6 +440,9 @@ struct VdkNode {
     bool probed_raw;
     uint8_t sector0[512];
     GMutex lock; /* driver metadata; never held across I/O */
+    /* encrypted data (set by the driver at open; see crypt-io.c) */
+    VdkNodeCrypt *crypt;
+    bool crypt_locked; /* encrypted, opened without its key: no data I/O */
 };
 
 struct VdkImage {
@@ -549,6 +585,26 @@ void vdk_request_resume(VdkRequest *r, VdkQueue *cur);
 void vdk_request_child_done(VdkRequest *r);
 /* Copy @len bytes of @r's buffers, from guest offset @off, into @buf. */
 void vdk_req_copy_out(VdkRequest *r, uint64_t off, void *buf, uint64_t len);
+/* Copy between a buffer and an iovec array (from its start). */
+void vdk_iov_copy_in(const struct iovec *iov, int cnt, const void *buf, uint64_t len);
+void vdk_iov_copy_out(const struct iovec *iov, int cnt, void *buf, uint64_t len);
+
+/* Encrypted nodes (crypt-io.c): the node's cipher takes ownership of
+ * @cipher.  Free only with no I/O in flight. */
+VdkNodeCrypt *vdk_node_crypt_new(VdkCipher *cipher, bool host_iv);
+void vdk_node_crypt_free(VdkNodeCrypt *nc);
+/* Like vdk_req_file_rw for an encrypted node's data: decrypt after reading
+ * (any alignment), encrypt before writing (whole sectors); the cipher work
+ * runs on the node's pool. */
+void vdk_crypt_read(VdkRequest *r, VdkFile *f, uint64_t host_off, uint64_t guest_off, const struct iovec *iov, int iovcnt,
+                    uint64_t len);
+void vdk_crypt_write(VdkRequest *r, VdkFile *f, uint64_t host_off, uint64_t guest_off, const struct iovec *iov, int iovcnt,
+                     uint64_t len, uint32_t flags);
+/* A write to an encrypted node that does not cover whole sectors: done by
+ * read-merge-write of whole sectors (returns true, the request is handed
+ * over); false: nothing to do here. */
+bool vdk_crypt_write_unaligned(VdkRequest *r);
+
 /* A shared, aligned, read-only buffer of zeroes and its length. */
 const void *vdk_zero_buffer(size_t *len);
 

@@ -52,19 +52,19 @@ open_node_rw(VdkImage *img, VdkNode *n, GError **error)
     vdk_open_options_set_format(o, n->drv->name);
     vdk_open_options_set_read_only(o, false);
     o->cache = img->opts.cache;
-    o->no_locking = img->opts.no_locking;
+    o->locking = img->opts.locking;
     if (img->opts.engine && !vdk_open_options_set_engine(o, img->opts.engine, error)) {
         vdk_open_options_free(o);
         return NULL;
     }
-    bool relock = !img->opts.no_locking && !img->opts.force_share;
+    bool relock = vdk_open_options_locks(&img->opts);
     if (relock) {
         vdk_file_unlock(n->file);
     }
     VdkImage *r = vdk_image_open(n->filename, o, error);
     vdk_open_options_free(o);
     if (!r && relock) {
-        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, NULL);
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw ? 0 : VDK_LOCK_META, false, NULL);
     }
     return r;
 }
@@ -74,8 +74,8 @@ static void
 close_node_rw(VdkImage *img, VdkNode *n, VdkImage *r, GError **error)
 {
     (void)vdk_image_close(r, error);
-    if (!img->opts.no_locking && !img->opts.force_share) {
-        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw, NULL);
+    if (vdk_open_options_locks(&img->opts)) {
+        (void)vdk_file_lock(n->file, false, n->drv == &vdk_format_raw ? 0 : VDK_LOCK_META, false, NULL);
     }
 }
 
@@ -212,6 +212,8 @@ vdk_image_rebase(VdkImage *img, const char *backing, const char *backing_fmt, bo
             VdkOpenOptions *o = vdk_open_options_new();
             vdk_open_options_set_format(o, backing_fmt);
             vdk_open_options_set_read_only(o, true);
+            o->locking = img->opts.locking; /* file.locking=off covers it too */
+            o->force_share = img->opts.rebase_force_share;
             GError *err = NULL;
             nb = vdk_image_open(path, o, &err);
             vdk_open_options_free(o);

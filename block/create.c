@@ -38,14 +38,38 @@ struct VdkCreateCtx {
     bool in_place;
     char *tmpname; /* named temporary (no O_TMPFILE), or NULL */
     CreateExtra *extras; /* further files of a multi-file image (vmdk extents) */
+    bool overwrite;      /* existing files are replaced */
 };
 
 /* A further file: built like the main one, published just before it. */
 struct CreateExtra {
     VdkCreateCtx cc;   /* filename (owned), dir (shared), file, tmpname */
     bool linked;       /* published under its final name */
+    VdkFile *old;      /* the file it replaces, locked (hold_old_file) */
     CreateExtra *next;
 };
+
+/* An existing file about to be replaced may be an image another process
+ * has open (a VM, qemu-img, another vdk).  qemu-img create refuses then (it
+ * takes the image locks on the old file first), and so do we: the old file
+ * gets writer locks, held until the new file has replaced it, so a QEMU
+ * starting meanwhile finds it busy too.  A file we cannot read has nothing to
+ * tell; the replace itself decides. */
+static bool
+hold_old_file(const char *filename, VdkFile **held, GError **error)
+{
+    *held = NULL;
+    VdkFile *f = vdk_file_open(filename, true, VDK_CACHE_WRITEBACK, NULL);
+    if (!f) {
+        return true;
+    }
+    if (!vdk_file_lock(f, true, VDK_LOCK_META, false, error)) {
+        vdk_file_close(f);
+        return false;
+    }
+    *held = f;
+    return true;
+}
 
 VdkCreateOptions *
 vdk_create_options_new(const char *format, GError **error)
@@ -74,6 +98,9 @@ vdk_create_options_free(VdkCreateOptions *o)
     }
     g_hash_table_unref(o->kv);
     g_ptr_array_unref(o->order);
+    if (o->secrets) {
+        g_hash_table_unref(o->secrets);
+    }
     g_free(o);
 }
 
@@ -108,6 +135,7 @@ vdk_create_backing_probe(const VdkCreateOptions *o, const char *filename, uint64
     char *path = vdk_backing_path(filename, backing);
     VdkOpenOptions *bo = vdk_open_options_new();
     vdk_open_options_set_read_only(bo, true);
+    vdk_open_options_set(bo, "no-io", "on"); /* its size only: an encrypted one needs no passphrase */
     if (fmt) {
         vdk_open_options_set_format(bo, fmt);
     }
@@ -428,8 +456,17 @@ vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error)
     CreateExtra *x = g_new0(CreateExtra, 1);
     x->cc.filename = g_build_filename(cc->dir, name, NULL);
     x->cc.dir = cc->dir;
+    GError *err = NULL;
+    if (cc->overwrite && !hold_old_file(x->cc.filename, &x->old, &err)) {
+        g_set_error(error, VDK_ERROR, err->code, "%s: %s", x->cc.filename, err->message);
+        g_error_free(err);
+        g_free((char *)x->cc.filename);
+        g_free(x);
+        return NULL;
+    }
     int fd = open_tmp(&x->cc, error);
     if (fd < 0) {
+        vdk_file_close(x->old);
         g_free((char *)x->cc.filename);
         g_free(x);
         return NULL;
@@ -437,6 +474,7 @@ vdk_create_extra_file(VdkCreateCtx *cc, const char *name, GError **error)
     x->cc.file = vdk_file_new_from_fd(fd, x->cc.filename, false, VDK_CACHE_WRITEBACK, error);
     if (!x->cc.file) {
         close(fd);
+        vdk_file_close(x->old);
         if (x->cc.tmpname) {
             unlink(x->cc.tmpname);
             g_free(x->cc.tmpname);
@@ -485,6 +523,7 @@ extras_cleanup(VdkCreateCtx *cc, bool ok)
             g_free(x->cc.tmpname);
         }
         vdk_file_close(x->cc.file);
+        vdk_file_close(x->old);
         g_free((char *)x->cc.filename);
         g_free(x);
         x = next;
@@ -495,10 +534,11 @@ extras_cleanup(VdkCreateCtx *cc, bool ok)
 bool
 vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **error)
 {
-    VdkCreateCtx cc = {.filename = filename};
     VdkCreateOptions *o = (VdkCreateOptions *)opts;
+    VdkCreateCtx cc = {.filename = filename, .overwrite = o->overwrite};
     bool ok = false;
     int fd = -1;
+    VdkFile *old = NULL;
 
     /* qemu-img rounds every image size up to whole 512-byte sectors. */
     const char *sz = vdk_create_opt(o, "size");
@@ -523,6 +563,8 @@ vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **er
         } else if (!o->overwrite) {
             g_set_error(error, VDK_ERROR, EEXIST, "file exists (use --force to overwrite it)");
             return false;
+        } else if (!hold_old_file(filename, &old, error)) {
+            return false;
         }
     }
 
@@ -542,6 +584,10 @@ vdk_image_create(const char *filename, const VdkCreateOptions *opts, GError **er
     cc.file = vdk_file_new_from_fd(fd, filename, false, VDK_CACHE_WRITEBACK, error);
     if (!cc.file) {
         close(fd);
+        goto out;
+    }
+    /* formatting a device in place: a writer of it, locked as one */
+    if (cc.in_place && !vdk_file_lock(cc.file, true, VDK_LOCK_META, false, error)) {
         goto out;
     }
     if (!o->drv->create(&cc, o, error)) {
@@ -565,6 +611,7 @@ out:
         g_free(cc.tmpname);
     }
     vdk_file_close(cc.file);
+    vdk_file_close(old);
     g_free(cc.dir);
     return ok;
 }

@@ -286,41 +286,58 @@ ofd_held(int fd, off_t byte)
     return fl.l_type != F_UNLCK;
 }
 
-bool
-vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
+/* locking=auto goes on unlocked (as QEMU does); locking=on cannot. */
+static bool
+no_ofd_locks(VdkFile *f, bool required, int r, GError **error)
 {
-    /* QEMU's choices: a writer uses read, write and resize and shares
-     * neither write nor resize (what a guest device asks); a reader through
-     * a format (qcow2, vmdk ...) uses read and shares neither either, since
-     * metadata changing under it would be misread; a raw reader shares all. */
+    (void)f;
+    if (!required) {
+        return true;
+    }
+    g_set_error(error, VDK_ERROR, ENOTSUP, "locking=on, but the file cannot be locked here (OFD locks: %s)",
+                g_strerror(-r));
+    return false;
+}
+
+bool
+vdk_file_lock(VdkFile *f, bool write, unsigned unshare, bool required, GError **error)
+{
+    /* QEMU's choices: a writer uses read, write and resize (what a guest
+     * device asks); a reader uses consistent read.  What is not shared
+     * depends on what the file holds (the callers' VDK_LOCK_*). */
     static const int use_w[] = {PERM_READ, PERM_WRITE, PERM_RESIZE};
-    static const int unshare_w[] = {PERM_WRITE, PERM_RESIZE};
     static const int use_r[] = {PERM_READ};
     const int *use = write ? use_w : use_r;
     int nuse = write ? 3 : 1;
-    const int *unshare = unshare_w;
-    int nunshare = raw_reader && !write ? 0 : 2;
+    int keep[2]; /* the permissions not shared */
+    int nunshare = 0;
+    if (unshare & VDK_LOCK_WRITE) {
+        keep[nunshare++] = PERM_WRITE;
+    }
+    if (unshare & VDK_LOCK_RESIZE) {
+        keep[nunshare++] = PERM_RESIZE;
+    }
     /* Someone who does not share what we use, or who uses what we do not
      * share: in use.  (Checked before and after taking ours, so two
      * openers racing both see each other.) */
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < nuse + nunshare; i++) {
             bool is_use = i < nuse;
-            int bit = is_use ? use[i] : unshare[i - nuse];
+            int bit = is_use ? use[i] : keep[i - nuse];
             off_t byte = (is_use ? LOCK_SHARED_BASE : LOCK_PERM_BASE) + bit;
             int r = ofd_held(f->fd, byte);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
-                return true; /* no OFD locks here (old kernel, some network file systems) */
+                /* no OFD locks here (old kernel, some network file systems) */
+                return no_ofd_locks(f, required, r, error);
             }
             if (r < 0) {
                 g_set_error(error, VDK_ERROR, -r, "cannot test the image lock: %s", g_strerror(-r));
                 return false;
             }
             if (r > 0) {
-                g_set_error(error, VDK_ERROR, EAGAIN,
-                            "image is in use by another process (failed to get %s\"%s\" lock; -U reads it "
-                            "anyway, at the risk of seeing it change)",
-                            is_use ? "" : "shared ", perm_name(bit));
+                g_set_error(error, VDK_ERROR, EAGAIN, "image is in use by another process (failed to get %s\"%s\" lock%s)",
+                            is_use ? "" : "shared ", perm_name(bit),
+                            write ? "" : "; -U reads it anyway, at the risk of seeing it change");
                 return false;
             }
         }
@@ -329,10 +346,11 @@ vdk_file_lock(VdkFile *f, bool write, bool raw_reader, GError **error)
         }
         for (int i = 0; i < nuse + nunshare; i++) {
             bool is_use = i < nuse;
-            int bit = is_use ? use[i] : unshare[i - nuse];
+            int bit = is_use ? use[i] : keep[i - nuse];
             int r = ofd_lock(f->fd, (is_use ? LOCK_PERM_BASE : LOCK_SHARED_BASE) + bit);
             if (r == -EINVAL || r == -ENOLCK || r == -EOPNOTSUPP) {
-                return true;
+                vdk_file_unlock(f);
+                return no_ofd_locks(f, required, r, error);
             }
             if (r < 0) {
                 g_set_error(error, VDK_ERROR, -r, "cannot take the image lock: %s", g_strerror(-r));

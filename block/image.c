@@ -38,8 +38,39 @@ vdk_open_options_free(VdkOpenOptions *o)
     }
     g_free(o->format);
     g_free(o->engine);
+    g_free(o->bad_locking);
     g_hash_table_unref(o->extra);
+    if (o->secrets) {
+        g_hash_table_unref(o->secrets);
+    }
     g_free(o);
+}
+
+static GHashTable *
+secrets_table(GHashTable **t)
+{
+    if (!*t) {
+        *t = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)g_bytes_unref);
+    }
+    return *t;
+}
+
+void
+vdk_open_options_set_secret(VdkOpenOptions *o, const char *id, const void *data, size_t len)
+{
+    g_hash_table_replace(secrets_table(&o->secrets), g_strdup(id), g_bytes_new(data, len));
+}
+
+void
+vdk_create_options_set_secret(VdkCreateOptions *o, const char *id, const void *data, size_t len)
+{
+    g_hash_table_replace(secrets_table(&o->secrets), g_strdup(id), g_bytes_new(data, len));
+}
+
+GBytes *
+vdk_secret_lookup(GHashTable *secrets, const char *id)
+{
+    return secrets && id ? g_hash_table_lookup(secrets, id) : NULL;
 }
 
 void
@@ -76,6 +107,19 @@ vdk_open_options_set_engine(VdkOpenOptions *o, const char *engine, GError **erro
 }
 
 void
+vdk_open_options_set_force_share(VdkOpenOptions *o, bool force_share)
+{
+    o->force_share = force_share;
+}
+
+void
+vdk_open_options_set_locking(VdkOpenOptions *o, VdkLocking locking)
+{
+    g_clear_pointer(&o->bad_locking, g_free);
+    o->locking = locking;
+}
+
+void
 vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
 {
     if (strcmp(key, "repair") == 0) {
@@ -91,8 +135,25 @@ vdk_open_options_set(VdkOpenOptions *o, const char *key, const char *value)
         o->force_share = strcmp(value, "off") != 0;
         return;
     }
+    if (strcmp(key, "rebase.force-share") == 0) {
+        o->rebase_force_share = strcmp(value, "off") != 0;
+        return;
+    }
     if (strcmp(key, "locking") == 0 || strcmp(key, "file.locking") == 0) {
-        o->no_locking = strcmp(value, "off") == 0;
+        g_clear_pointer(&o->bad_locking, g_free);
+        if (strcmp(value, "off") == 0) {
+            o->locking = VDK_LOCKING_OFF;
+        } else if (strcmp(value, "on") == 0) {
+            o->locking = VDK_LOCKING_ON;
+        } else if (strcmp(value, "auto") == 0) {
+            o->locking = VDK_LOCKING_AUTO;
+        } else {
+            o->bad_locking = g_strdup(value);
+        }
+        return;
+    }
+    if (strcmp(key, "no-io") == 0) {
+        o->no_io = strcmp(value, "off") != 0;
         return;
     }
     g_hash_table_replace(o->extra, g_strdup(key), g_strdup(value));
@@ -307,8 +368,9 @@ node_open(VdkImage *img, const char *filename, const char *format, bool read_onl
     }
 
     /* locked once the format is known (a raw reader shares writes, as in qemu) */
-    if (!img->opts.force_share && !img->opts.no_locking &&
-        !vdk_file_lock(n->file, !read_only, n->drv == &vdk_format_raw, error)) {
+    if (vdk_open_options_locks(&img->opts) &&
+        !vdk_file_lock(n->file, !read_only, !read_only || n->drv != &vdk_format_raw ? VDK_LOCK_META : 0,
+                       img->opts.locking == VDK_LOCKING_ON, error)) {
         node_free(n);
         return NULL;
     }
@@ -405,8 +467,18 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
     img->opts.repair = opts->repair;
     img->opts.check = opts->check;
     img->opts.force_share = opts->force_share;
-    img->opts.no_locking = opts->no_locking;
+    img->opts.locking = opts->locking;
+    img->opts.rebase_force_share = opts->rebase_force_share;
     img->opts.extra = g_hash_table_ref(opts->extra);
+    img->opts.no_io = opts->no_io;
+    img->opts.secrets = opts->secrets ? g_hash_table_ref(opts->secrets) : NULL;
+    if (opts->bad_locking) {
+        g_set_error(error, VDK_ERROR, EINVAL, "invalid locking value '%s' (expected on, off or auto)",
+                    opts->bad_locking);
+        vdk_open_options_free(defaults);
+        vdk_image_close(img, NULL);
+        return NULL;
+    }
     if (img->opts.force_share && !img->opts.read_only) {
         g_set_error(error, VDK_ERROR, EINVAL, "force-share=on can only be used with read-only images");
         vdk_image_close(img, NULL);
@@ -437,6 +509,48 @@ vdk_image_open(const char *filename, const VdkOpenOptions *opts, GError **error)
 }
 
 bool
+vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error)
+{
+    memset(out, 0, sizeof(*out));
+    VdkNode *n = img->top;
+    if (!n->drv->check) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "%s: this image format does not support checks", n->drv->name);
+        return false;
+    }
+    if (fix && n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "a repair needs the image opened read-write");
+        return false;
+    }
+    VdkCheckResult res;
+    memset(&res, 0, sizeof(res));
+    res.messages = g_ptr_array_new_with_free_func(g_free);
+    bool ok = n->drv->check(n, (int)fix, &res, error);
+    out->corruptions = res.corruptions;
+    out->leaks = res.leaks;
+    out->check_errors = res.check_errors;
+    out->corruptions_fixed = res.corruptions_fixed;
+    out->leaks_fixed = res.leaks_fixed;
+    out->has_stats = res.has_stats;
+    out->image_end_offset = res.image_end_offset;
+    out->total_clusters = res.total_clusters;
+    out->allocated_clusters = res.allocated_clusters;
+    out->fragmented_clusters = res.fragmented_clusters;
+    out->compressed_clusters = res.compressed_clusters;
+    g_ptr_array_add(res.messages, NULL);
+    out->messages = (char **)g_ptr_array_free(res.messages, FALSE);
+    return ok;
+}
+
+void
+vdk_check_report_clear(VdkCheckReport *report)
+{
+    if (report) {
+        g_strfreev(report->messages);
+        memset(report, 0, sizeof(*report));
+    }
+}
+
+bool
 vdk_image_close(VdkImage *img, GError **error)
 {
     if (!img) {
@@ -447,11 +561,26 @@ vdk_image_close(VdkImage *img, GError **error)
     if (live != 0) {
         g_log("vdk", G_LOG_LEVEL_CRITICAL, "vdk_image_close: %d queue(s) still open", live);
     }
+    for (VdkNode *x = img->top; x; x = x->backing) {
+        if (!x->read_only && x->drv && x->drv->before_close) {
+            GError *e = NULL;
+            if (!x->drv->before_close(x, &e)) {
+                if (ok) {
+                    g_propagate_error(error, e);
+                } else {
+                    g_error_free(e);
+                }
+                ok = false;
+            }
+        }
+    }
     if (img->top && !img->top->read_only) {
         /* Write back what the format keeps in memory (a clean close). */
         int r = vdk_image_sync_request(img, VDK_OP_FLUSH, 0, NULL, 0, VDK_FLUSH_FINAL, NULL);
         if (r < 0) {
-            g_set_error(error, VDK_ERROR, -r, "writing back metadata on close failed: %s", g_strerror(-r));
+            if (ok) {
+                g_set_error(error, VDK_ERROR, -r, "writing back metadata on close failed: %s", g_strerror(-r));
+            }
             ok = false;
         }
     }
@@ -468,6 +597,9 @@ vdk_image_close(VdkImage *img, GError **error)
     g_free(img->opts.engine);
     if (img->opts.extra) {
         g_hash_table_unref(img->opts.extra);
+    }
+    if (img->opts.secrets) {
+        g_hash_table_unref(img->opts.secrets);
     }
     g_free(img->engine_reason);
     g_mutex_clear(&img->sync_lock);
@@ -640,6 +772,25 @@ vdk_image_amend(VdkImage *img, const char *const *kv, GError **error)
     bool ok = n->drv->amend(n, h, error);
     g_hash_table_unref(h);
     return ok;
+}
+
+bool
+vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error)
+{
+    VdkNode *n = img->top;
+    if (!op || !op->name || !*op->name) {
+        g_set_error(error, VDK_ERROR, EINVAL, "a bitmap name is required");
+        return false;
+    }
+    if (!n->drv->bitmap) {
+        g_set_error(error, VDK_ERROR, ENOTSUP, "Can't store persistent bitmaps to %s images", n->drv->name);
+        return false;
+    }
+    if (n->read_only) {
+        g_set_error(error, VDK_ERROR, EROFS, "image is read-only");
+        return false;
+    }
+    return n->drv->bitmap(n, op, error);
 }
 
 bool

@@ -337,6 +337,18 @@ iov_copy(const struct iovec *iov, int cnt, uint64_t off, void *buf, uint64_t len
 }
 
 void
+vdk_iov_copy_in(const struct iovec *iov, int cnt, const void *buf, uint64_t len)
+{
+    iov_copy(iov, cnt, 0, (void *)buf, len, true);
+}
+
+void
+vdk_iov_copy_out(const struct iovec *iov, int cnt, void *buf, uint64_t len)
+{
+    iov_copy(iov, cnt, 0, buf, len, false);
+}
+
+void
 vdk_req_copy_out(VdkRequest *r, uint64_t off, void *buf, uint64_t len)
 {
     iov_copy(r->iov, r->iovcnt, off - r->offset, buf, len, false);
@@ -580,8 +592,13 @@ alloc_cow_done(VdkRequest *sub)
     }
     slice_free(&s);
     VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
-    vdk_req_file_rw(w, op->a->file, true, op->a->host_offset, v, cnt, op->head_len + op->len + op->tail_len,
-                    request_io_flags(r));
+    if (n->crypt) {
+        vdk_crypt_write(w, op->a->file, op->a->host_offset, op->a->guest_start, v, cnt,
+                        op->head_len + op->len + op->tail_len, request_io_flags(r));
+    } else {
+        vdk_req_file_rw(w, op->a->file, true, op->a->host_offset, v, cnt, op->head_len + op->len + op->tail_len,
+                        request_io_flags(r));
+    }
     g_free(v);
     vdk_subreq_launch(w);
 }
@@ -638,8 +655,13 @@ request_write_alloc_data(VdkRequest *r, AllocOp *op)
             return;
         }
         VdkRequest *w = vdk_subreq(r, alloc_write_done, op);
-        vdk_req_file_rw(w, a->file, true, a->host_offset + (cursor - a->guest_start), s.v, s.n, op->len,
-                        request_io_flags(r));
+        if (n->crypt) {
+            vdk_crypt_write(w, a->file, a->host_offset + (cursor - a->guest_start), cursor, s.v, s.n, op->len,
+                            request_io_flags(r));
+        } else {
+            vdk_req_file_rw(w, a->file, true, a->host_offset + (cursor - a->guest_start), s.v, s.n, op->len,
+                            request_io_flags(r));
+        }
         slice_free(&s);
         vdk_subreq_launch(w);
         return;
@@ -687,8 +709,11 @@ request_step_rw(VdkRequest *r)
         int ret = VDK_NOT_COMPRESSIBLE;
         uint64_t limit = end - r->cursor;
         if (is_write && (r->flags & VDK_REQ_COMPRESS)) {
-            ret = n->drv->write_compressed ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
-                                           : -ENOTSUP;
+            /* compressed clusters are not encrypted (qemu writes them in
+             * plaintext): never store an encrypted image's data that way */
+            ret = n->drv->write_compressed && !n->crypt
+                      ? n->drv->write_compressed(n, r, r->cursor, end - r->cursor, &ext)
+                      : -ENOTSUP;
             if (ret == VDK_NOT_COMPRESSIBLE && ext.len) {
                 /* only this unit goes uncompressed; the next ones are
                  * tried again */
@@ -719,7 +744,13 @@ request_step_rw(VdkRequest *r)
                 vdk_req_set_error(r, -ENOMEM);
                 break;
             }
-            vdk_req_file_rw(r, ext.file, is_write, ext.host_offset, s.v, s.n, ext.len, request_io_flags(r));
+            if (n->crypt && is_write) {
+                vdk_crypt_write(r, ext.file, ext.host_offset, r->cursor, s.v, s.n, ext.len, request_io_flags(r));
+            } else if (n->crypt) {
+                vdk_crypt_read(r, ext.file, ext.host_offset, r->cursor, s.v, s.n, ext.len);
+            } else {
+                vdk_req_file_rw(r, ext.file, is_write, ext.host_offset, s.v, s.n, ext.len, request_io_flags(r));
+            }
             slice_free(&s);
             break;
         }
@@ -784,9 +815,14 @@ node_block_status(VdkNode *n, uint64_t off, uint64_t len, VdkBlockStatus *out, V
     out->host_offset = 0;
     switch (ext.kind) {
     case VDK_EXT_DATA:
+        if (n->crypt || n->crypt_locked) {
+            /* encrypted: the host bytes are not the data (qemu shows no offset) */
+            out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED;
+            return 0;
+        }
         out->flags = VDK_BS_DATA | VDK_BS_ALLOCATED | VDK_BS_OFFSET_VALID;
         out->host_offset = ext.host_offset;
-        if (ext.recurse && ext.file) {
+        if (ext.recurse && ext.file && !n->crypt) {
             /* Holes in the file read as zeroes: say so, and stop where the
              * file's status changes (errors only cost the detail). */
             uint64_t pnum = 0;
@@ -861,6 +897,11 @@ request_dispatch(VdkRequest *r)
 {
     VdkNode *n = r->node;
     int ret = 0;
+    if (n->crypt_locked && (r->op == VDK_OP_READ || r->op == VDK_OP_WRITE || r->op == VDK_OP_WRITE_ZEROES ||
+                            r->op == VDK_OP_DISCARD)) {
+        vdk_req_set_error(r, -EACCES); /* encrypted, opened without its key */
+        return 0;
+    }
     switch (r->op) {
     case VDK_OP_READ:
         return request_step_rw(r);
@@ -870,6 +911,10 @@ request_dispatch(VdkRequest *r)
             ret = request_check_sector0(r);
             if (ret < 0) {
                 vdk_req_set_error(r, ret);
+                return 0;
+            }
+            if (vdk_crypt_write_unaligned(r)) {
+                r->cursor = r->offset + r->len;
                 return 0;
             }
         }

@@ -452,8 +452,11 @@ open_extents(Vmdk *s, GError **error)
         }
         GError *ferr = NULL;
         e->file = vdk_file_open(path, e->read_only, n->img->opts.cache, &ferr);
-        if (e->file && !n->img->opts.force_share && !n->img->opts.no_locking &&
-            !vdk_file_lock(e->file, !e->read_only, false, &ferr)) {
+        /* a flat extent holds only data: others may write it (as QEMU
+         * shares it), not resize it; a sparse one has metadata */
+        unsigned unshare = d->type == VMDK_ET_FLAT ? VDK_LOCK_RESIZE : VDK_LOCK_META;
+        if (e->file && vdk_open_options_locks(&n->img->opts) &&
+            !vdk_file_lock(e->file, !e->read_only, unshare, n->img->opts.locking == VDK_LOCKING_ON, &ferr)) {
             vdk_file_close(e->file);
             e->file = NULL;
         }

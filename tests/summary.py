@@ -20,6 +20,8 @@ for arg in args:
     label, _, path = arg.rpartition(":") if not os.path.exists(arg) else ("", "", arg)
     with open(path) as f:
         for line in f:
+            if not line.strip():
+                continue
             t = json.loads(line)
             name = (label + ": " if label else "") + t["name"]
             out = t.get("stdout") or ""

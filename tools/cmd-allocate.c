@@ -11,7 +11,7 @@
 #include "tools/tool.h"
 
 static const char allocate_help[] =
-    "usage: vdk allocate [-q] [-f FMT] [--mode=falloc|full] [-p | --progress=json] FILENAME\n"
+    "usage: vdk allocate [-q] [-f FMT] [--object OBJ] [--image-opts] [--mode=falloc|full] [-p | --progress=json] FILENAME\n"
     "\n"
     "Turn a sparse image (raw, or qcow2 created with preallocation=off or metadata)\n"
     "into a physically allocated one, without changing what the guest sees: the\n"
@@ -23,6 +23,8 @@ static const char allocate_help[] =
     "  -f FMT          image format (default: probed)\n"
     "  -p              progress bar; --progress=json for one JSON object per line\n"
     "  -q              quiet\n"
+    "  --object secret,id=ID,data=PASS|file=PATH   a secret (encrypt.key-secret=ID)\n"
+    "  --image-opts    FILENAME is an option string (driver=qcow2,file.filename=...)\n"
     "\n"
     "The free space is checked first; when it is not enough, nothing is changed.\n"
     "Ranges the image does not map at all (qcow2 clusters never written) are\n"
@@ -35,6 +37,8 @@ cmd_allocate(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"image-opts", no_argument, NULL, 'I'},
+        {"object", required_argument, NULL, 'j'},
         {"mode", required_argument, NULL, OPT_MODE},
         {"progress", optional_argument, NULL, OPT_PROGRESS},
         {NULL, 0, NULL, 0},
@@ -72,6 +76,14 @@ cmd_allocate(int argc, char **argv)
             break;
         case 'q':
             tool_quiet = true;
+            break;
+        case 'I':
+            o.image_opts = true;
+            break;
+        case 'j':
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
             break;
         default:
             tool_usage(stderr, allocate_help);

@@ -70,8 +70,10 @@ cmd_amend(int argc, char **argv)
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            goto out;
+            if (!tool_add_object(optarg)) {
+                goto out;
+            }
+            break;
         default:
             tool_usage(stderr, amend_help);
             goto out;

@@ -7,6 +7,7 @@
  */
 #include "config.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <string.h>
 
@@ -23,7 +24,7 @@ static const char check_help[] =
     "                    record its file name)\n";
 
 static void
-print_human(const VdkCheckResult *r)
+print_human(const VdkCheckReport *r)
 {
     if (r->corruptions == 0 && r->leaks == 0 && r->check_errors == 0) {
         printf("No errors were found on the image.\n");
@@ -42,7 +43,7 @@ print_human(const VdkCheckResult *r)
             printf("\n%" G_GUINT64_FORMAT " internal errors have occurred during the check.\n", r->check_errors);
         }
     }
-    if (r->has_stats && r->total_clusters) {
+    if (r->has_stats && r->total_clusters && r->allocated_clusters) { /* as qemu-img */
         double a = r->allocated_clusters;
         printf("%" G_GUINT64_FORMAT "/%" G_GUINT64_FORMAT " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n",
                r->allocated_clusters, r->total_clusters, a * 100.0 / (double)r->total_clusters,
@@ -55,7 +56,7 @@ print_human(const VdkCheckResult *r)
 }
 
 static void
-print_json(const VdkCheckResult *r, const char *filename, const char *format)
+print_json(const VdkCheckReport *r, const char *filename, const char *format)
 {
     /* qemu-img's key order; optional keys only when non-zero */
     Json j;
@@ -155,8 +156,10 @@ cmd_check(int argc, char **argv)
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, check_help);
             return 1;
@@ -182,21 +185,18 @@ cmd_check(int argc, char **argv)
     if (!img) {
         return 1;
     }
-    VdkNode *n = img->top;
-    if (!n->drv->check) {
+    VdkCheckReport res;
+    GError *err = NULL;
+    bool ok = vdk_image_check(img, (unsigned)fix, &res, &err);
+    if (!ok && err && err->code == ENOTSUP) {
+        g_clear_error(&err);
         tool_error(filename, "This image format does not support checks");
         vdk_image_close(img, NULL);
         return 63;
     }
-    VdkCheckResult res;
-    memset(&res, 0, sizeof(res));
-    res.messages = g_ptr_array_new_with_free_func(g_free);
-    GError *err = NULL;
-    bool ok = n->drv->check(n, fix, &res, &err);
-    for (guint i = 0; i < res.messages->len; i++) {
-        fprintf(stderr, "%s\n", (const char *)res.messages->pdata[i]);
+    for (char **m = res.messages; m && *m; m++) {
+        fprintf(stderr, "%s\n", *m);
     }
-    g_ptr_array_unref(res.messages);
     int ret;
     if (!ok) {
         tool_gerror(filename, err);
@@ -204,7 +204,7 @@ cmd_check(int argc, char **argv)
     } else {
         if (!quiet) {
             if (json) {
-                print_json(&res, filename, n->drv->name);
+                print_json(&res, filename, vdk_image_get_format(img));
             } else {
                 if (res.leaks_fixed || res.corruptions_fixed) {
                     printf("The following inconsistencies were found and repaired:\n\n"
@@ -217,6 +217,7 @@ cmd_check(int argc, char **argv)
         }
         ret = res.check_errors ? 1 : res.corruptions ? 2 : res.leaks ? 3 : 0;
     }
+    vdk_check_report_clear(&res);
     if (!vdk_image_close(img, &err)) {
         tool_gerror(filename, err);
         ret = ret ? ret : 1;

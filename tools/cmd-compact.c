@@ -12,7 +12,7 @@
 #include "tools/tool.h"
 
 static const char compact_help[] =
-    "usage: vdk compact [-q] [-f FMT] FILENAME\n"
+    "usage: vdk compact [-q] [-f FMT] [--object OBJ] [--image-opts] FILENAME\n"
     "\n"
     "Move the clusters at the end of a qcow2 image into the holes that freed\n"
     "clusters left (after discards, deleted snapshots, rewrites) and cut the\n"
@@ -20,13 +20,17 @@ static const char compact_help[] =
     "What the guest sees does not change.  Prints the bytes reclaimed.\n"
     "\n"
     "  -f FMT   image format (default: probed)\n"
-    "  -q       quiet\n";
+    "  -q       quiet\n"
+    "  --object secret,id=ID,data=PASS|file=PATH   a secret (encrypt.key-secret=ID)\n"
+    "  --image-opts   FILENAME is an option string (driver=qcow2,file.filename=...)\n";
 
 int
 cmd_compact(int argc, char **argv)
 {
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
+        {"image-opts", no_argument, NULL, 'I'},
+        {"object", required_argument, NULL, 'j'},
         {NULL, 0, NULL, 0},
     };
     ToolOpen o = {.read_only = false};
@@ -41,6 +45,14 @@ cmd_compact(int argc, char **argv)
             break;
         case 'q':
             tool_quiet = true;
+            break;
+        case 'I':
+            o.image_opts = true;
+            break;
+        case 'j':
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
             break;
         default:
             tool_usage(stderr, compact_help);

@@ -145,8 +145,10 @@ cmd_compare(int argc, char **argv)
             o1.image_opts = o2.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 2;
+            if (!tool_add_object(optarg)) {
+                return 2;
+            }
+            break;
         default:
             tool_usage(stderr, compare_help);
             return 2;

@@ -65,7 +65,7 @@ convert_progress(void *opaque, uint64_t done, uint64_t total)
 int
 cmd_convert(int argc, char **argv)
 {
-    enum { OPT_TARGET_ZERO = 256, OPT_PROGRESS, OPT_IN_ORDER, OPT_AIO, OPT_CHUNK };
+    enum { OPT_TARGET_ZERO = 256, OPT_PROGRESS, OPT_IN_ORDER, OPT_AIO, OPT_CHUNK, OPT_UNSUPPORTED };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"parent", required_argument, NULL, 'b'},
@@ -78,8 +78,8 @@ cmd_convert(int argc, char **argv)
         {"image-opts", no_argument, NULL, 'I'},
         {"target-image-opts", no_argument, NULL, 'J'},
         {"object", required_argument, NULL, 'j'},
-        {"salvage", no_argument, NULL, 'j'},
-        {"bitmaps", no_argument, NULL, 'j'},
+        {"salvage", no_argument, NULL, OPT_UNSUPPORTED},
+        {"bitmaps", no_argument, NULL, OPT_UNSUPPORTED},
         {NULL, 0, NULL, 0},
     };
     const char *src_fmt = NULL;
@@ -214,7 +214,12 @@ cmd_convert(int argc, char **argv)
             dst_image_opts = true;
             break;
         case 'j':
-            tool_error(NULL, "--object, --salvage and --bitmaps are not supported yet");
+            if (!tool_add_object(optarg)) {
+                goto out_args;
+            }
+            break;
+        case OPT_UNSUPPORTED:
+            tool_error(NULL, "--salvage and --bitmaps are not supported yet");
             goto out_args;
         default:
             tool_usage(stderr, convert_help);
@@ -305,6 +310,7 @@ cmd_convert(int argc, char **argv)
     }
     if (!no_create) {
         VdkCreateOptions *o = vdk_create_options_new(out_fmt, &err);
+        tool_create_options_add_secrets(o);
         if (!o) {
             tool_gerror(dst_name, err);
             goto out;
@@ -354,7 +360,17 @@ cmd_convert(int argc, char **argv)
     }
 
     ToolOpen to = {.format = out_fmt, .cache = cache, .aio = aio, .image_opts = dst_image_opts};
+    /* an encrypted target opens with the secret it was created with */
+    GPtrArray *to_opts = g_ptr_array_new();
+    for (guint i = 0; i + 1 < kv->len && !no_create; i += 2) {
+        if (!strcmp(kv->pdata[i], "encrypt.key-secret")) {
+            g_ptr_array_add(to_opts, kv->pdata[i]);
+            g_ptr_array_add(to_opts, kv->pdata[i + 1]);
+        }
+    }
+    to.opts = to_opts->len ? to_opts : NULL;
     dst = tool_open(dst_name, &to);
+    g_ptr_array_free(to_opts, TRUE);
     if (!dst) {
         goto out;
     }
@@ -367,6 +383,10 @@ cmd_convert(int argc, char **argv)
         }
         compress_unit = ci.cluster_size;
         vdk_info_clear(&ci);
+        if (dst->top->crypt) {
+            tool_error(NULL, "Compression and encryption not supported at the same time");
+            goto out;
+        }
         if (!compress_unit || !dst->top->drv->write_compressed) {
             tool_error(dst_name, "Compression not supported for this file format");
             goto out;

@@ -82,8 +82,10 @@ cmd_create(int argc, char **argv)
             force = true;
             break;
         case 'j':
-            tool_error(NULL, "--object is not supported yet");
-            goto out;
+            if (!tool_add_object(optarg)) {
+                goto out;
+            }
+            break;
         case 'e':
         case '6':
             tool_error(NULL, "option -%c is deprecated; use -o instead", c);
@@ -96,6 +98,7 @@ cmd_create(int argc, char **argv)
 
     GError *err = NULL;
     VdkCreateOptions *o = vdk_create_options_new(fmt, &err);
+    tool_create_options_add_secrets(o);
     if (!o) {
         tool_gerror(NULL, err);
         goto out;

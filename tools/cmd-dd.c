@@ -66,8 +66,10 @@ cmd_dd(int argc, char **argv)
             in_opts.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, dd_help);
             return 1;
@@ -136,6 +138,8 @@ cmd_dd(int argc, char **argv)
     uint64_t out_size = size - in_pos;
 
     VdkCreateOptions *co = vdk_create_options_new(out_fmt, &err);
+
+    tool_create_options_add_secrets(co);
     if (!co) {
         tool_gerror(NULL, err);
         goto out;

@@ -77,6 +77,9 @@ node_info_json(Json *j, VdkNode *n)
         json_str(j, "full-backing-filename", full);
         json_str(j, "backing-filename", info.backing_filename);
     }
+    if (info.encrypted) {
+        json_bool(j, "encrypted", true);
+    }
     json_bool(j, "dirty-flag", info.dirty);
     json_end_object(j);
     vdk_info_clear(&info);
@@ -96,6 +99,9 @@ node_info_human(VdkNode *n)
     printf("file format: %s\n", n->drv->name);
     printf("virtual size: %s (%" G_GUINT64_FORMAT " bytes)\n", vs, n->size);
     printf("disk size: %s\n", ds);
+    if (info.encrypted) {
+        printf("encrypted: yes\n");
+    }
     if (info.cluster_size) {
         printf("cluster_size: %" G_GUINT64_FORMAT "\n", info.cluster_size);
     }
@@ -145,7 +151,7 @@ cmd_info(int argc, char **argv)
         {"object", required_argument, NULL, 'j'},
         {NULL, 0, NULL, 0},
     };
-    ToolOpen o = {.read_only = true};
+    ToolOpen o = {.read_only = true, .no_io = true};
     bool json = false;
     bool chain = false;
     int c;
@@ -175,8 +181,10 @@ cmd_info(int argc, char **argv)
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, info_help);
             return 1;

@@ -638,9 +638,11 @@ cmd_io(int argc, char **argv)
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            g_ptr_array_unref(cmds);
-            return 1;
+            if (!tool_add_object(optarg)) {
+                g_ptr_array_unref(cmds);
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, io_help);
             g_ptr_array_unref(cmds);

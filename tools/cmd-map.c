@@ -108,8 +108,10 @@ cmd_map(int argc, char **argv)
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, map_help);
             return 1;

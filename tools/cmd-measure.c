@@ -94,8 +94,10 @@ cmd_measure(int argc, char **argv)
             open_opts.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            goto out;
+            if (!tool_add_object(optarg)) {
+                goto out;
+            }
+            break;
         default:
             tool_usage(stderr, measure_help);
             goto out;
@@ -104,6 +106,7 @@ cmd_measure(int argc, char **argv)
 
     GError *err = NULL;
     o = vdk_create_options_new(out_fmt, &err);
+    tool_create_options_add_secrets(o);
     if (!o) {
         tool_gerror(NULL, err);
         goto out;

@@ -21,6 +21,7 @@ static const char rebase_help[] =
     "  -b BACKING      the new backing file (relative names: from FILENAME's directory)\n"
     "  -F FMT          its format (required unless -b \"\")\n"
     "  -u              unsafe: only change the name recorded in the header\n"
+    "  -U, --force-share  open BACKING even if another process writes it\n"
     "  -f FMT          format of FILENAME (default: probed)\n"
     "  -t CACHE        cache mode (default writeback)\n"
     "  --aio=ENGINE    io_uring, native, threads or auto\n"
@@ -42,6 +43,7 @@ cmd_rebase(int argc, char **argv)
         {NULL, 0, NULL, 0},
     };
     ToolOpen o = {.read_only = false};
+    bool force_share = false;
     const char *backing = NULL;
     const char *backing_fmt = NULL;
     bool unsafe = false;
@@ -88,13 +90,16 @@ cmd_rebase(int argc, char **argv)
             tool_error_unsupported("-c (compressed rebase)");
             return 1;
         case 'U':
+            force_share = true;
             break;
         case 'I':
             o.image_opts = true;
             break;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         default:
             tool_usage(stderr, rebase_help);
             return 1;
@@ -109,7 +114,15 @@ cmd_rebase(int argc, char **argv)
         return 1;
     }
     const char *filename = argv[optind];
+    GPtrArray *extra = g_ptr_array_new_with_free_func(g_free);
+    if (force_share) {
+        /* as qemu-img: for the new backing file only (the image is written) */
+        g_ptr_array_add(extra, g_strdup("rebase.force-share"));
+        g_ptr_array_add(extra, g_strdup("on"));
+    }
+    o.opts = extra;
     VdkImage *img = tool_open(filename, &o);
+    g_ptr_array_unref(extra);
     if (!img) {
         return 1;
     }

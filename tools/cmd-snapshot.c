@@ -70,8 +70,10 @@ cmd_snapshot(int argc, char **argv)
             o.aio = optarg;
             continue;
         case 'j':
-            tool_error_unsupported("--object");
-            return 1;
+            if (!tool_add_object(optarg)) {
+                return 1;
+            }
+            break;
         case 'l':
             act = ACT_LIST;
             break;

@@ -69,10 +69,147 @@ tool_setup_logging(void)
     g_log_set_handler("vdk", G_LOG_LEVEL_MASK | G_LOG_FLAG_FATAL | G_LOG_FLAG_RECURSION, log_handler, NULL);
 }
 
+/* Secrets from --object (id -> GBytes). */
+static GHashTable *tool_secrets;
+
+bool
+tool_add_object(const char *spec)
+{
+    GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
+    GError *err = NULL;
+    /* "secret,id=..." : the type comes first, without a key */
+    char *type_buf = NULL;
+    const char *rest = spec;
+    const char *comma = strchr(spec, ','), *eq = strchr(spec, '=');
+    if (!eq || (comma && comma < eq)) {
+        type_buf = g_strndup(spec, comma ? (gsize)(comma - spec) : strlen(spec));
+        rest = comma ? comma + 1 : "";
+    }
+    if (!tool_parse_kv(rest, kv, &err)) {
+        /* the message would repeat the passphrase: name the problem only */
+        tool_error(NULL, "--object: invalid option string (KEY=VALUE pairs separated by commas expected)");
+        g_error_free(err);
+        g_ptr_array_unref(kv);
+        g_free(type_buf);
+        return false;
+    }
+    const char *type = type_buf, *id = NULL, *data = NULL, *file = NULL, *format = "raw";
+    bool ok = true;
+    for (guint i = 0; i + 1 < kv->len && ok; i += 2) {
+        const char *k = kv->pdata[i], *v = kv->pdata[i + 1];
+        if (!strcmp(k, "qom-type")) {
+            type = v;
+        } else if (!strcmp(k, "id")) {
+            id = v;
+        } else if (!strcmp(k, "data")) {
+            data = v;
+        } else if (!strcmp(k, "file")) {
+            file = v;
+        } else if (!strcmp(k, "format")) {
+            format = v;
+        } else if (!strcmp(k, "keyid") || !strcmp(k, "iv")) {
+            tool_error(NULL, "--object: encrypted secrets (%s=) are not supported", k);
+            ok = false;
+        } else if (type && !strcmp(type, "secret")) {
+            tool_error(NULL, "--object: secret: unknown property '%s'", k);
+            ok = false;
+        }
+    }
+    if (ok && (!type || strcmp(type, "secret") != 0)) {
+        tool_error(NULL, "--object: only secret objects are supported (got '%s')", type ? type : "");
+        ok = false;
+    }
+    if (ok && (!id || !*id)) {
+        tool_error(NULL, "--object: secret: Parameter 'id' is missing");
+        ok = false;
+    }
+    if (ok && !!data == !!file) {
+        tool_error(NULL, "--object: secret '%s': exactly one of data= and file= is needed", id);
+        ok = false;
+    }
+    if (ok && strcmp(format, "raw") != 0 && strcmp(format, "base64") != 0) {
+        tool_error(NULL, "--object: secret '%s': format '%s' is invalid (raw or base64)", id, format);
+        ok = false;
+    }
+    if (ok && tool_secrets && g_hash_table_contains(tool_secrets, id)) {
+        tool_error(NULL, "--object: attempt to add duplicate secret id '%s'", id);
+        ok = false;
+    }
+    gchar *bytes = NULL;
+    gsize len = 0;
+    if (ok && file) {
+        if (!g_file_get_contents(file, &bytes, &len, &err)) {
+            tool_error(NULL, "--object: secret '%s': %s", id, err->message);
+            g_clear_error(&err);
+            ok = false;
+        }
+    } else if (ok) {
+        bytes = g_strdup(data);
+        len = strlen(data);
+    }
+    if (ok && !strcmp(format, "base64")) {
+        gchar *t = g_strndup(bytes, len);
+        bool valid = len > 0 && strspn(t, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n") == len;
+        if (!valid) {
+            tool_error(NULL, "--object: secret '%s': the data is not valid base64", id);
+            ok = false;
+        } else {
+            gsize dl = 0;
+            guchar *d = g_base64_decode(t, &dl);
+            g_free(bytes);
+            bytes = (gchar *)d;
+            len = dl;
+        }
+        g_free(t);
+    }
+    if (ok) {
+        if (!tool_secrets) {
+            tool_secrets = g_hash_table_new_full(g_str_hash, g_str_equal, g_free, (GDestroyNotify)g_bytes_unref);
+        }
+        g_hash_table_replace(tool_secrets, g_strdup(id), g_bytes_new(bytes, len));
+    }
+    if (bytes) {
+        memset(bytes, 0, len);
+    }
+    g_free(bytes);
+    g_ptr_array_unref(kv);
+    g_free(type_buf);
+    return ok;
+}
+
+void
+tool_create_options_add_secrets(VdkCreateOptions *o)
+{
+    if (!o || !tool_secrets) {
+        return;
+    }
+    GHashTableIter it;
+    gpointer k, v;
+    g_hash_table_iter_init(&it, tool_secrets);
+    while (g_hash_table_iter_next(&it, &k, &v)) {
+        gsize len = 0;
+        const void *d = g_bytes_get_data(v, &len);
+        vdk_create_options_set_secret(o, k, d, len);
+    }
+}
+
 static VdkImage *
 tool_open_gerror(const char *filename, const ToolOpen *o, GError **error)
 {
     VdkOpenOptions *opts = vdk_open_options_new();
+    if (tool_secrets) {
+        GHashTableIter it;
+        gpointer k, v;
+        g_hash_table_iter_init(&it, tool_secrets);
+        while (g_hash_table_iter_next(&it, &k, &v)) {
+            gsize len = 0;
+            const void *d = g_bytes_get_data(v, &len);
+            vdk_open_options_set_secret(opts, k, d, len);
+        }
+    }
+    if (o->no_io) {
+        vdk_open_options_set(opts, "no-io", "on");
+    }
     if (o->format) {
         vdk_open_options_set_format(opts, o->format);
     }
@@ -126,6 +263,10 @@ tool_open_image_opts(const char *spec, const ToolOpen *base, char **display)
     ToolOpen o = *base;
     o.image_opts = false;
     GPtrArray *extra = g_ptr_array_new();
+    /* the command's own open options first; the spec's may override them */
+    for (guint i = 0; base->opts && i < base->opts->len; i++) {
+        g_ptr_array_add(extra, base->opts->pdata[i]);
+    }
     const char *filename = NULL;
     bool direct = false, no_flush = false;
     for (guint i = 0; i + 1 < kv->len; i += 2) {

@@ -42,6 +42,8 @@ int cmd_amend(int argc, char **argv);
 int cmd_allocate(int argc, char **argv);
 int cmd_compact(int argc, char **argv);
 int cmd_serve(int argc, char **argv);
+int cmd_fuse(int argc, char **argv);
+int cmd_bitmap(int argc, char **argv);
 
 extern bool tool_verbose;
 extern bool tool_quiet;
@@ -63,7 +65,15 @@ typedef struct {
     bool image_opts; /* the filename is qemu's --image-opts option string */
     const char *parent; /* -b: the parent of a differencing vdi (open option "parent") */
     GPtrArray *opts; /* key, value, key, value ... for vdk_open_options_set */
+    bool no_io;      /* metadata only (info): an encrypted image opens without its key */
 } ToolOpen;
+
+/* --object secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]: qemu's
+ * secret objects, kept for every image this process opens or creates
+ * (other object types: a clear error).  False after printing why. */
+bool tool_add_object(const char *spec);
+/* Hand every secret to create options (NULL: nothing). */
+void tool_create_options_add_secrets(VdkCreateOptions *o);
 
 /* Open an image; on failure print "vdk: FILE: why" and return NULL. */
 VdkImage *tool_open(const char *filename, const ToolOpen *o);

@@ -17,6 +17,7 @@ static const ToolCommand commands[] = {
     {"allocate", cmd_allocate, "make a sparse image physically allocated"},
     {"amend", cmd_amend, "change format options of an existing image"},
     {"bench", cmd_bench, "measure I/O speed (qemu-img bench, plus --time, --rw, --json)"},
+    {"bitmap", cmd_bitmap, "add, remove, clear, enable, disable or merge persistent dirty bitmaps"},
     {"check", cmd_check, "check an image for consistency"},
     {"commit", cmd_commit, "write an overlay's changes into its backing file"},
     {"compact", cmd_compact, "give back the space of freed clusters, in place"},
@@ -24,6 +25,9 @@ static const ToolCommand commands[] = {
     {"convert", cmd_convert, "copy an image into another file and format"},
     {"create", cmd_create, "create a new image"},
     {"dd", cmd_dd, "copy part of an image into a new image, like dd(1)"},
+#ifdef VDK_HAVE_FUSE
+    {"fuse", cmd_fuse, "show an image's content as a regular file (FUSE export)"},
+#endif
     {"info", cmd_info, "show information about an image"},
     {"io", cmd_io, "run qemu-io style commands against an image"},
     {"map", cmd_map, "show where an image's data lives"},

@@ -126,6 +126,9 @@ bool
 qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
 {
     Qcow2 *s = n->opaque;
+    if (qcow2_crypto_amend_wanted(kv)) {
+        return qcow2_crypto_amend(n, kv, error); /* key slots */
+    }
     int version = -1, lazy = -1;
     int64_t bits = -1;
     uint64_t size = 0;
@@ -164,9 +167,9 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
         } else if (!strcmp(key, "backing_file") || !strcmp(key, "backing_fmt")) {
             g_set_error(error, VDK_ERROR, ENOTSUP, "Cannot amend the backing file\nYou can use 'vdk rebase' instead.");
             return false;
-        } else if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw") || g_str_has_prefix(key, "encrypt.")) {
+        } else if (!strcmp(key, "data_file") || !strcmp(key, "data_file_raw") || !strcmp(key, "encryption")) {
             g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: '%s' cannot be amended (external data files and "
-                        "encryption are not supported)", key);
+                        "the legacy encryption are not supported)", key);
             return false;
         } else {
             bool create_only = false;
@@ -211,6 +214,12 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
         }
         if (s->has_bitmaps) {
             g_set_error(error, VDK_ERROR, ENOTSUP, "Cannot downgrade an image with persistent bitmaps");
+            return false;
+        }
+        if (s->crypt_method) {
+            g_set_error(error, VDK_ERROR, ENOTSUP,
+                        "qcow2: downgrading an encrypted image is not supported (its zero clusters would have to "
+                        "be written encrypted)");
             return false;
         }
         if (s->nb_snapshots) {
@@ -267,7 +276,7 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
     }
     /* 4. size */
     if (has_size && size != s->size) {
-        if (!qcow2_truncate(n, size, true, VDK_PREALLOC_OFF, error)) {
+        if (!qcow2_truncate_bitmaps(n, size, true, VDK_PREALLOC_OFF, error)) {
             return false;
         }
         n->size = s->size;

@@ -222,64 +222,58 @@ scan_l1(Chk *c, uint64_t l1_off, uint32_t l1_size, const uint64_t *mem_l1, bool 
     return 0;
 }
 
+/* The bitmap directory, tables and data, as qemu-img check counts them:
+ * only while the autoclear bit says the extension is valid. */
 static void
 scan_bitmaps(Chk *c)
 {
     Qcow2 *s = c->s;
-    if (!s->has_bitmaps) {
+    if (!s->bm_ext || !(s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) || s->version < 3) {
         return;
     }
-    uint32_t off = s->header_length;
-    while (off + 8 <= s->cluster_size) {
-        uint32_t t = qbe32(s->hdr + off);
-        uint32_t len = qbe32(s->hdr + off + 4);
-        if (t == QCOW2_EXT_END || len > s->cluster_size - off - 8) {
-            return;
+    if (s->bm_error) {
+        msg(c, "ERROR %s", s->bm_error);
+        c->res->corruptions++;
+        return;
+    }
+    ref_range(c, s->bm_dir_offset, s->bm_dir_size);
+    uint8_t *tbl = NULL;
+    for (uint32_t i = 0; i < s->nb_bitmaps; i++) {
+        const Qcow2Bitmap *bm = &s->bitmaps[i];
+        if (!bm->table_offset) {
+            continue; /* added in this session: not on disk yet */
         }
-        if (t == QCOW2_EXT_BITMAPS && len >= 24) {
-            const uint8_t *d = s->hdr + off + 8;
-            uint32_t nb = qbe32(d);
-            uint64_t dir_size = qbe64(d + 8);
-            uint64_t dir_off = qbe64(d + 16);
-            if (dir_size > (64u << 20) || nb > 65535) {
-                msg(c, "ERROR: bitmap directory is too large (%" G_GUINT64_FORMAT " bytes)", dir_size);
+        uint64_t bytes = (uint64_t)bm->table_size * 8;
+        ref_range(c, bm->table_offset, bytes);
+        tbl = g_try_malloc(bytes);
+        if (!tbl || vdk_file_pread_sync(s->file, tbl, bytes, bm->table_offset) < 0) {
+            msg(c, "ERROR cannot read the table of bitmap '%s'", bm->name);
+            c->res->check_errors++;
+            g_free(tbl);
+            tbl = NULL;
+            continue;
+        }
+        for (uint32_t k = 0; k < bm->table_size; k++) {
+            uint64_t e = qbe64(tbl + (uint64_t)k * 8);
+            uint64_t o = e & 0x00fffffffffffe00ULL;
+            if ((e & 0xff000000000001feULL) || (o && (e & 1))) {
+                msg(c, "ERROR bitmap '%s': table entry %u has reserved bits set (0x%" G_GINT64_MODIFIER "x)", bm->name,
+                    k, e);
                 c->res->corruptions++;
-                return;
+                continue;
             }
-            ref_range(c, dir_off, dir_size);
-            uint8_t *dir = g_malloc(dir_size + 1);
-            if (vdk_file_pread_sync(s->file, dir, dir_size, dir_off) < 0) {
-                g_free(dir);
-                c->res->check_errors++;
-                return;
+            if (o & (s->cluster_size - 1)) {
+                msg(c, "ERROR bitmap '%s': table entry %u points to an unaligned offset 0x%" G_GINT64_MODIFIER "x",
+                    bm->name, k, o);
+                c->res->corruptions++;
+                continue;
             }
-            uint64_t p = 0;
-            for (uint32_t i = 0; i < nb && p + 24 <= dir_size; i++) {
-                uint64_t toff = qbe64(dir + p);
-                uint32_t tsize = qbe32(dir + p + 8);
-                uint16_t name = qbe16(dir + p + 18);
-                uint32_t extra = qbe32(dir + p + 20);
-                if ((uint64_t)tsize * 8 > (64u << 20)) {
-                    break;
-                }
-                ref_range(c, toff, (uint64_t)tsize * 8);
-                uint8_t *tbl = g_malloc((size_t)tsize * 8 + 1);
-                if (vdk_file_pread_sync(s->file, tbl, (size_t)tsize * 8, toff) == 0) {
-                    for (uint32_t k = 0; k < tsize; k++) {
-                        uint64_t e = qbe64(tbl + (size_t)k * 8) & QCOW2_OFFSET_MASK;
-                        if (e) {
-                            ref_range(c, e, s->cluster_size);
-                        }
-                    }
-                }
-                g_free(tbl);
-                p += 24 + extra + name;
-                p = (p + 7) & ~7ULL;
+            if (o) {
+                ref_range(c, o, s->cluster_size);
             }
-            g_free(dir);
-            return;
         }
-        off += 8 + ((len + 7) & ~7u);
+        g_free(tbl);
+        tbl = NULL;
     }
 }
 
@@ -364,6 +358,9 @@ count_references(Chk *c, bool with_refcount_structure)
         ref_range(c, s->reftable_offset, (uint64_t)s->reftable_clusters << s->cluster_bits);
     }
     scan_bitmaps(c);
+    if (s->has_crypt_ext && s->crypto) {
+        ref_range(c, s->crypt_ext_off, s->crypt_ext_len); /* LUKS header and key material */
+    }
     if (with_refcount_structure) {
         /* the blocks last: each must then be referenced exactly once */
         uint64_t disk_entries = ((uint64_t)s->reftable_clusters << s->cluster_bits) / 8;

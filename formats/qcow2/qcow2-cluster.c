@@ -431,6 +431,9 @@ has_old_content(Qcow2 *s, uint64_t e, uint64_t bm, bool extl2_whole_cluster)
     if (e & QCOW2_OFLAG_COMPRESSED) {
         return true;
     }
+    if (s->node->crypt) {
+        return true; /* encrypted: zeroes on disk do not decrypt to zeroes */
+    }
     if (s->node->backing) {
         return true; /* unallocated parts read from the backing file */
     }
@@ -782,6 +785,7 @@ qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len,
     if (len < unit) {
         return -EINVAL;
     }
+    qcow2_bitmaps_mark(s, offset, unit);
     /* Compression runs on a worker pool (one thread per core): the
      * request parks while its cluster is compressed, so the clusters of
      * many requests in flight compress in parallel; the result is kept on
@@ -891,6 +895,10 @@ int
 qcow2_map(VdkNode *n, uint64_t offset, uint64_t len, unsigned flags, VdkExtent *ext, VdkRequest *r)
 {
     Qcow2 *s = n->opaque;
+    if (flags & VDK_MAP_WRITE) {
+        /* before the data can land: a bit set in memory, no I/O */
+        qcow2_bitmaps_mark(s, offset, len);
+    }
     g_mutex_lock(&n->lock);
     int ret = (flags & VDK_MAP_WRITE) ? map_write(s, offset, len, ext, r) : map_read(s, offset, len, ext, r);
     bool evict = ret == -ENOBUFS && r && !s->wb_running;
@@ -999,6 +1007,7 @@ zero_or_discard(VdkNode *n, VdkRequest *r, bool discard)
     if (s->corrupt) {
         return -EIO;
     }
+    qcow2_bitmaps_mark(s, r->offset, r->len);
     if (r->drv_state == 0 && !discard) {
         /* Unaligned head and tail: written as zero buffers (through the
          * normal write path), the whole clusters in between as metadata. */

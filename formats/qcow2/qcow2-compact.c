@@ -182,6 +182,14 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
         g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: compacting an image with internal snapshots is not supported yet");
         return false;
     }
+    if (s->crypt_method) {
+        g_set_error(error, VDK_ERROR, ENOTSUP,
+                    "qcow2: compacting an encrypted image is not supported (LUKS binds each sector to its host offset)");
+        return false;
+    }
+    if (qcow2_bitmaps_block(s, "compact", error)) {
+        return false; /* moving clusters would need the bitmap tables rewritten too */
+    }
     uint32_t cb = s->cluster_bits;
     g_mutex_lock(&n->lock);
     int r = qcow2_ctl_flush(s);

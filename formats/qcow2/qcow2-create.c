@@ -23,6 +23,16 @@
 
 /* In the order qemu-img prints them in its "Formatting" line. */
 const VdkOptionDesc qcow2_create_opts[] = {
+    {"encrypt.format", VDK_OPT_STRING, "Encrypt the image, format choices: 'aes', 'luks' (luks is supported)", NULL, false},
+    {"encrypt.key-secret", VDK_OPT_STRING, "ID of secret providing qcow AES key or LUKS passphrase", NULL, false},
+    {"encrypt.cipher-alg", VDK_OPT_STRING, "Name of encryption cipher algorithm (aes-256, aes-128)", NULL, false},
+    {"encrypt.cipher-mode", VDK_OPT_STRING, "Name of encryption cipher mode (xts)", NULL, false},
+    {"encrypt.ivgen-alg", VDK_OPT_STRING, "Name of IV generator algorithm (plain64)", NULL, false},
+    {"encrypt.ivgen-hash-alg", VDK_OPT_STRING, "Name of IV generator hash algorithm", NULL, false},
+    {"encrypt.hash-alg", VDK_OPT_STRING, "Name of encryption hash algorithm (sha256)", NULL, false},
+    {"encrypt.iter-time", VDK_OPT_NUMBER, "Time to spend in PBKDF in milliseconds", "2000", false},
+    {"encryption", VDK_OPT_BOOL, "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+     NULL, false},
     {"cluster_size", VDK_OPT_SIZE, "qcow2 cluster size", "65536", true},
     {"extended_l2", VDK_OPT_BOOL, "Extended L2 tables", "off", true},
     {"preallocation", VDK_OPT_STRING, "Preallocation mode (allowed values: off, metadata, falloc, full)", NULL, false},
@@ -239,7 +249,11 @@ qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasur
     if (p.prealloc == VDK_PREALLOC_FULL || p.prealloc == VDK_PREALLOC_FALLOC) {
         required = vsize;
     }
-    uint64_t meta = cs;                      /* header */
+    uint64_t luks = 0;
+    if (!qcow2_crypto_measure(o, cs, &luks, error)) {
+        return false;
+    }
+    uint64_t meta = cs + luks;               /* header (and LUKS header area) */
     uint64_t nl2e = vdk_align_up(vsize / cs, per_l2);
     meta += nl2e * l2e;                      /* L2 tables */
     uint64_t nl1e = vdk_align_up(nl2e * l2e / cs, cs / 8);
@@ -250,10 +264,8 @@ qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasur
     /* qemu shows the bitmaps' size when both images can have bitmaps */
     m->has_bitmaps = p.version >= 3 && src && qcow2_image_supports_bitmaps(src);
     m->bitmaps = 0;
-    if (m->has_bitmaps && qcow2_image_has_bitmaps(src)) {
-        g_set_error(error, VDK_ERROR, ENOTSUP,
-                    "qcow2: measuring the persistent bitmaps of the source is not supported yet");
-        return false;
+    if (m->has_bitmaps) {
+        m->bitmaps = qcow2_bitmaps_measure(src, cs);
     }
     return true;
 }
@@ -265,13 +277,25 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     if (!parse_params(cc, o, &p, error)) {
         return false;
     }
+    uint8_t *luks = NULL;
+    size_t luks_len = 0;
+    if (!qcow2_crypto_create_region(o, &luks, &luks_len, error)) {
+        return false;
+    }
+    if (luks && p.prealloc != VDK_PREALLOC_OFF) {
+        g_free(luks);
+        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: preallocation of encrypted images is not supported");
+        return false;
+    }
     VdkFile *f = vdk_create_main_file(cc);
     uint64_t cs = 1ULL << p.cluster_bits;
+    uint64_t crypt_clusters = (luks_len + cs - 1) / cs;
     uint32_t l2_entry = p.extl2 ? 16 : 8;
     uint64_t l2_entries = cs / l2_entry;
     uint64_t clusters = (p.size + cs - 1) / cs;
     uint64_t l1_size = (clusters + l2_entries - 1) / l2_entries;
     if (l1_size * 8 > QCOW2_MAX_L1_BYTES) {
+        g_free(luks);
         g_set_error(error, VDK_ERROR, EFBIG,
                     "qcow2: the L1 table for %" G_GUINT64_FORMAT " bytes with %" G_GUINT64_FORMAT "-byte clusters would exceed %u bytes (use a larger cluster size)",
                     p.size, cs, QCOW2_MAX_L1_BYTES);
@@ -286,7 +310,7 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     /* refcount blocks and table must also count themselves */
     uint64_t rt_clusters = 1, rb_count = 1, total = 0;
     for (int i = 0; i < 64; i++) {
-        total = 1 + rt_clusters + rb_count + l1_clusters + l2_tables + data_clusters;
+        total = 1 + rt_clusters + rb_count + l1_clusters + crypt_clusters + l2_tables + data_clusters;
         uint64_t need_rb = (total + rb_entries - 1) / rb_entries;
         uint64_t need_rt = MAX((need_rb * 8 + cs - 1) / cs, (uint64_t)1);
         if (need_rb == rb_count && need_rt == rt_clusters) {
@@ -296,6 +320,7 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
         rt_clusters = need_rt;
     }
     if (rt_clusters * cs > QCOW2_MAX_REFTABLE_BYTES) {
+        g_free(luks);
         g_set_error(error, VDK_ERROR, EFBIG, "qcow2: the refcount table would exceed %u bytes",
                     QCOW2_MAX_REFTABLE_BYTES);
         return false;
@@ -303,7 +328,8 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
     uint64_t rt_off = cs;
     uint64_t rb_off = rt_off + rt_clusters * cs;
     uint64_t l1_off = rb_off + rb_count * cs;
-    uint64_t l2_off = l1_off + l1_clusters * cs;
+    uint64_t crypt_off = l1_off + l1_clusters * cs;
+    uint64_t l2_off = crypt_off + crypt_clusters * cs;
     uint64_t data_off = l2_off + l2_tables * cs;
     uint64_t end = data_off + data_clusters * cs;
 
@@ -314,6 +340,7 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
 
     uint8_t *buf = NULL;
     if (posix_memalign((void **)&buf, 4096, cs) != 0) {
+        g_free(luks);
         g_set_error(error, VDK_ERROR, ENOMEM, "qcow2: out of memory");
         return false;
     }
@@ -346,6 +373,14 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
         memcpy(buf + off + 8, p.backing_fmt, len);
         off += 8 + (uint32_t)((len + 7) & ~7u);
     }
+    if (luks) {
+        qput32(buf + 32, 2); /* crypt_method: LUKS */
+        qput32(buf + off, QCOW2_EXT_CRYPTO);
+        qput32(buf + off + 4, 16);
+        qput64(buf + off + 8, crypt_off);
+        qput64(buf + off + 16, luks_len);
+        off += 24;
+    }
     if (p.version >= 3) {
         static const struct {
             uint8_t type, bit;
@@ -371,6 +406,7 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
         if (off + len > cs) {
             g_set_error(error, VDK_ERROR, EINVAL, "qcow2: the backing file name does not fit in the header cluster");
             free(buf);
+            g_free(luks);
             return false;
         }
         qput64(buf + 8, off);
@@ -422,6 +458,20 @@ qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *o, GError **error)
         if (len) {
             r = vdk_file_pwrite_sync(f, buf, len, l1_off + c * cs);
         }
+    }
+    /* LUKS header and key material */
+    if (luks && r == 0) {
+        r = vdk_file_pwrite_sync(f, luks, luks_len, crypt_off);
+        if (r == 0 && crypt_off + crypt_clusters * cs > crypt_off + luks_len) {
+            /* the file covers every cluster the refcounts count */
+            memset(buf, 0, cs);
+            uint64_t tail = crypt_off + luks_len;
+            r = vdk_file_pwrite_sync(f, buf, (size_t)(crypt_off + crypt_clusters * cs - tail), tail);
+        }
+    }
+    if (luks) {
+        memset(luks, 0, luks_len);
+        g_free(luks);
     }
     /* L2 tables mapping every cluster to the data area */
     for (uint64_t t = 0; t < l2_tables && r == 0; t++) {

@@ -5,14 +5,14 @@
  *
  * Supported: versions 2 and 3; cluster sizes 512 B to 2 MiB; refcount
  * widths 1 to 64 bits; header extensions (backing format, feature-name
- * table, bitmaps kept untouched, unknown ones preserved byte for byte
+ * table, persistent bitmaps (qcow2-bitmap.c), unknown ones preserved byte for byte
  * because the header cluster is patched in place, never rebuilt); zero
  * clusters; compressed clusters (deflate and zstd) for reading and
  * whole-cluster writing; extended L2 entries (subclusters); backing files
  * of any format; lazy refcounts with repair of a dirty image on the next
- * read-write open; the corrupt bit.  Not supported (refused at open with
- * the feature's name): external data files, encryption (AES, LUKS),
- * unknown incompatible features.
+ * read-write open; the corrupt bit; LUKS encryption (qcow2-crypto.c).
+ * Not supported (refused at open with the feature's name): external data
+ * files, the legacy AES encryption, unknown incompatible features.
  *
  * Files: qcow2-cluster.c maps guest ranges (reads, allocating writes,
  * zeroes, discard); qcow2-refcount.c allocates and counts host clusters;
@@ -479,11 +479,7 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
                     "image with qemu-img convert first");
         return false;
     }
-    if (s->crypt_method == 2) {
-        g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: LUKS-encrypted images are not supported yet");
-        return false;
-    }
-    if (s->crypt_method != 0) {
+    if (s->crypt_method > 2) {
         g_set_error(error, VDK_ERROR, EINVAL, "qcow2: crypt_method %u is invalid", s->crypt_method);
         return false;
     }
@@ -623,15 +619,38 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
             }
             break;
         case QCOW2_EXT_BITMAPS:
-            if (len < 24) {
-                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension too short (%u bytes)", len);
+            if (len != 24) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension length %u is invalid (24)", len);
+                return false;
+            }
+            if (s->bm_ext) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: two bitmaps extensions");
+                return false;
+            }
+            if ((s->autoclear & QCOW2_AUTOCLEAR_BITMAPS) && qbe32(data + 4) != 0) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: bitmaps extension: reserved field is 0x%x (must be 0)",
+                            qbe32(data + 4));
                 return false;
             }
             s->has_bitmaps = true;
+            s->bm_ext = true;
+            s->bm_ext_nb = qbe32(data);
+            s->bm_dir_size = qbe64(data + 8);
+            s->bm_dir_offset = qbe64(data + 16);
             break;
         case QCOW2_EXT_CRYPTO:
-            g_set_error(error, VDK_ERROR, EINVAL, "qcow2: encryption header extension in an unencrypted image");
-            return false;
+            if (s->crypt_method != 2) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: encryption header extension in an unencrypted image");
+                return false;
+            }
+            if (len != 16) {
+                g_set_error(error, VDK_ERROR, EINVAL, "qcow2: crypto header extension length %u is invalid (16)", len);
+                return false;
+            }
+            s->has_crypt_ext = true;
+            s->crypt_ext_off = qbe64(data);
+            s->crypt_ext_len = qbe64(data + 8);
+            break;
         case QCOW2_EXT_DATA_FILE:
             g_set_error(error, VDK_ERROR, ENOTSUP, "qcow2: external data files are not supported");
             return false;
@@ -654,6 +673,10 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
         n->backing_fmt = NULL;
     }
     s->hdr_used = MIN((uint32_t)vdk_align_up(s->hdr_used, 512), s->cluster_size);
+
+    if (s->crypt_method == 2 && !qcow2_crypto_open(n, s, error)) {
+        return false;
+    }
 
     /* tables */
     if (!read_table(s, s->l1_offset, s->l1_size, &s->l1, "L1 table", error)) {
@@ -683,6 +706,15 @@ qcow2_parse_open(VdkNode *n, Qcow2 *s, GError **error)
     }
     if (!open_snapshot(n, s, error)) {
         return false;
+    }
+    GError *bm_err = NULL;
+    if (!qcow2_bitmaps_load(s, &bm_err)) {
+        if (!n->img->opts.check) {
+            g_propagate_error(error, bm_err);
+            return false;
+        }
+        s->bm_error = g_strdup(bm_err->message); /* check reports it */
+        g_error_free(bm_err);
     }
     s->l1_dirty_lo = s->reftable_dirty_lo = UINT64_MAX;
 
@@ -720,6 +752,7 @@ qcow2_free_state(Qcow2 *s)
     if (s->comp_pool) {
         g_thread_pool_free(s->comp_pool, FALSE, TRUE); /* idle: nothing in flight */
     }
+    qcow2_crypto_close(s);
     vdk_mc_free(s->l2c);
     vdk_mc_free(s->rc);
     if (s->refblocks) {
@@ -729,6 +762,10 @@ qcow2_free_state(Qcow2 *s)
         g_array_free(s->frees, TRUE);
     }
     qcow2_snapshots_free(s);
+    qcow2_bitmaps_free(s);
+    if (s->bm_olds) {
+        g_array_free(s->bm_olds, TRUE);
+    }
     g_free(s->l1);
     g_free(s->reftable);
     g_free(s->hdr);
@@ -790,10 +827,15 @@ qcow2_open(VdkNode *n, GError **error)
             s->dirty_on_disk = false;
             s->hdr_dirty = true;
         }
-        if (s->autoclear) {
-            /* The spec: writers must clear auto-clear bits they do not keep
-             * up to date (bitmaps become "inconsistent" for QEMU). */
-            s->autoclear = 0;
+        /* Enabled bitmaps: in memory and marked in use on disk before
+         * any write; autoclear bits vdk does not maintain are cleared. */
+        if (!s->bm_error && !qcow2_bitmaps_open_rw(s, error)) {
+            n->opaque = NULL;
+            qcow2_free_state(s);
+            return false;
+        }
+        if (s->bm_error && s->autoclear) {
+            s->autoclear = 0; /* check -r on a broken directory: inconsistent */
             s->hdr_dirty = true;
         }
         if (s->hdr_dirty && !write_header_sync(s, error)) {
@@ -822,6 +864,7 @@ qcow2_info(VdkNode *n, VdkInfo *info)
 {
     Qcow2 *s = n->opaque;
     info->cluster_size = s->cluster_size;
+    info->encrypted = s->crypt_method != 0;
     info->dirty = (s->incompatible & QCOW2_INCOMPAT_DIRTY) != 0;
     info->backing_filename = g_strdup(n->backing_name);
     info->backing_format = g_strdup(n->backing_fmt);
@@ -832,27 +875,44 @@ qcow2_info(VdkNode *n, VdkInfo *info)
         g_string_append_printf(j,
                                "{\n                \"compat\": \"%s\",\n"
                                "                \"compression-type\": \"%s\",\n"
-                               "                \"lazy-refcounts\": %s,\n"
-                               "                \"refcount-bits\": %u,\n"
-                               "                \"corrupt\": %s,\n"
-                               "                \"extended-l2\": %s\n            }",
-                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false",
-                               s->refcount_bits, s->corrupt ? "true" : "false", s->extl2 ? "true" : "false");
+                               "                \"lazy-refcounts\": %s,\n",
+                               compat, compression_name(s->compression_type), s->lazy_refcounts ? "true" : "false");
         g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
         g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
         g_ptr_array_add(l, g_strdup_printf("lazy refcounts: %s", s->lazy_refcounts ? "true" : "false"));
+        qcow2_bitmaps_info(s, j, l);
+        g_string_append_printf(j, "                \"refcount-bits\": %u,\n", s->refcount_bits);
+        GPtrArray *el = g_ptr_array_new_with_free_func(g_free);
+        if (s->crypto) {
+            g_string_append(j, "                \"encrypt\": ");
+            qcow2_crypto_info(s, j, el);
+            g_string_append(j, ",\n");
+        }
+        g_string_append_printf(j,
+                               "                \"corrupt\": %s,\n"
+                               "                \"extended-l2\": %s\n            }",
+                               s->corrupt ? "true" : "false", s->extl2 ? "true" : "false");
         g_ptr_array_add(l, g_strdup_printf("refcount bits: %u", s->refcount_bits));
+        for (guint i = 0; i < el->len; i++) {
+            g_ptr_array_add(l, g_strdup(el->pdata[i]));
+        }
+        g_ptr_array_unref(el);
         g_ptr_array_add(l, g_strdup_printf("corrupt: %s", s->corrupt ? "true" : "false"));
         g_ptr_array_add(l, g_strdup_printf("extended l2: %s", s->extl2 ? "true" : "false"));
     } else {
         g_string_append_printf(j,
                                "{\n                \"compat\": \"%s\",\n"
                                "                \"compression-type\": \"%s\",\n"
-                               "                \"refcount-bits\": %u\n            }",
+                               "                \"refcount-bits\": %u",
                                compat, compression_name(s->compression_type), s->refcount_bits);
         g_ptr_array_add(l, g_strdup_printf("compat: %s", compat));
         g_ptr_array_add(l, g_strdup_printf("compression type: %s", compression_name(s->compression_type)));
         g_ptr_array_add(l, g_strdup_printf("refcount bits: %u", s->refcount_bits));
+        if (s->crypto) {
+            g_string_append(j, ",\n                \"encrypt\": ");
+            qcow2_crypto_info(s, j, l);
+        }
+        g_string_append(j, "\n            }");
     }
     info->specific_json = j;
     info->specific_lines = l;
@@ -865,6 +925,9 @@ static const VdkOptionDesc qcow2_open_opts[] = {
     {"snapshot.id", VDK_OPT_STRING, "Open this internal snapshot (by ID), read-only", NULL, false},
     {"snapshot.name", VDK_OPT_STRING, "Open this internal snapshot (by name), read-only", NULL, false},
     {"snapshot", VDK_OPT_STRING, "Open this internal snapshot (by ID, else name), read-only", NULL, false},
+    {"encrypt.key-secret", VDK_OPT_STRING, "ID of the secret (--object secret) holding the LUKS passphrase", NULL,
+     false},
+    {"backing.encrypt.key-secret", VDK_OPT_STRING, "The same for an encrypted backing file", NULL, false},
     {NULL, 0, NULL, NULL, false},
 };
 
@@ -998,13 +1061,6 @@ qcow2_image_supports_bitmaps(VdkImage *img)
     return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->version >= 3;
 }
 
-bool
-qcow2_image_has_bitmaps(VdkImage *img)
-{
-    VdkNode *n = img->top;
-    return n->drv == &vdk_format_qcow2 && ((Qcow2 *)n->opaque)->has_bitmaps;
-}
-
 const VdkFormat vdk_format_qcow2 = {
     .name = "qcow2",
     .probe = qcow2_probe,
@@ -1018,7 +1074,7 @@ const VdkFormat vdk_format_qcow2 = {
     .discard = qcow2_discard,
     .write_zeroes = qcow2_write_zeroes,
     .flush = qcow2_flush,
-    .truncate = qcow2_truncate,
+    .truncate = qcow2_truncate_bitmaps,
     .create = qcow2_create,
     .create_opts = qcow2_create_opts,
     .open_opts = qcow2_open_opts,
@@ -1026,10 +1082,12 @@ const VdkFormat vdk_format_qcow2 = {
     .check = qcow2_check,
     .measure = qcow2_measure,
     .snapshot_create = qcow2_snapshot_create,
-    .snapshot_apply = qcow2_snapshot_apply,
+    .snapshot_apply = qcow2_snapshot_apply_bitmaps,
     .snapshot_delete = qcow2_snapshot_delete,
     .snapshot_list = qcow2_snapshot_list,
     .change_backing = qcow2_change_backing,
     .amend = qcow2_amend,
     .compact = qcow2_compact,
+    .bitmap = qcow2_bitmap_op,
+    .before_close = qcow2_bitmaps_store,
 };

@@ -80,6 +80,39 @@ typedef struct Qcow2Snapshot {
 } Qcow2Snapshot;
 
 typedef struct Qcow2Alloc Qcow2Alloc;
+typedef struct Qcow2Crypto Qcow2Crypto;
+
+/* Persistent dirty bitmaps (qcow2-bitmap.c).  Limits: QEMU's (65535
+ * bitmaps, a directory of at most 64 MiB, names of at most 1023 bytes,
+ * bitmap data of at most 512 MiB, granularity 2^9 .. 2^31). */
+#define QCOW2_BM_MAX_BITMAPS 65535
+#define QCOW2_BM_MAX_DIR_SIZE (1024u * QCOW2_BM_MAX_BITMAPS)
+#define QCOW2_BM_MAX_NAME 1023
+#define QCOW2_BM_MAX_TABLE 0x8000000u
+#define QCOW2_BM_MAX_PHYS (512ULL << 20)
+#define QCOW2_BM_MIN_GRAN_BITS 9
+#define QCOW2_BM_MAX_GRAN_BITS 31
+#define QCOW2_BM_IN_USE (1u << 0)
+#define QCOW2_BM_AUTO (1u << 1)
+#define QCOW2_BM_EXTRA_COMPAT (1u << 2)
+#define QCOW2_BM_KNOWN_FLAGS 7u
+
+typedef struct Qcow2Bitmap {
+    char *name;
+    uint32_t flags;           /* as they will be stored */
+    uint8_t type;
+    uint8_t gran_bits;
+    uint64_t table_offset;
+    uint32_t table_size;
+    uint32_t extra_len;
+    uint8_t *extra;           /* kept byte for byte */
+    bool usable;              /* vdk can track and rewrite it (granularity 2^9..2^31, no unknown extra data) */
+    uint8_t *bits;            /* content in memory (bit i: byte i/8, bit i%8), or NULL: the disk's is current */
+    uint64_t nbits;
+    bool tracking;            /* enabled: every write sets bits (hot path, atomic) */
+    bool rewrite;             /* bits to be stored in new clusters at close */
+    bool marked;              /* in use on disk because of this session (cleared by the store) */
+} Qcow2Bitmap;
 
 /* Compression of one cluster for a compressed write, run on the pool. */
 typedef struct Qcow2 Qcow2;
@@ -144,6 +177,10 @@ struct Qcow2 {
     uint64_t coffset_mask;
     bool lazy_refcounts;
     bool has_bitmaps;
+    /* LUKS (crypt_method 2): the crypto header extension and the volume */
+    bool has_crypt_ext;
+    uint64_t crypt_ext_off, crypt_ext_len;
+    Qcow2Crypto *crypto;
 
     /* tables */
     uint64_t *l1;             /* host order */
@@ -155,6 +192,20 @@ struct Qcow2 {
     uint64_t old_reftable_offset;
     uint32_t old_reftable_clusters;
     Qcow2Snapshot *snapshots;
+
+    /* persistent bitmaps: the extension as parsed, the directory as loaded
+     * (only with the autoclear bit set, as QEMU), the ones writes update */
+    bool bm_ext;
+    uint32_t bm_ext_nb;
+    uint64_t bm_dir_size, bm_dir_offset;
+    Qcow2Bitmap *bitmaps;
+    uint32_t nb_bitmaps;
+    Qcow2Bitmap **bm_track;
+    uint32_t nb_track;
+    bool bm_dirty;            /* the directory changes at close */
+    bool bm_written;          /* a tracked bitmap got bits (a write) */
+    GArray *bm_olds;          /* clusters of removed/cleared bitmaps: freed after the next store */
+    char *bm_error;           /* check mode: why the directory did not load */
 
     VdkMetaCache *l2c;
     VdkMetaCache *rc;
@@ -316,10 +367,8 @@ int qcow2_writeback_sync(Qcow2 *s, bool final);
 /* qcow2-create.c */
 bool qcow2_create(VdkCreateCtx *cc, const VdkCreateOptions *opts, GError **error);
 bool qcow2_measure(const VdkCreateOptions *o, VdkImage *src, uint64_t size, VdkMeasure *m, GError **error);
-/* @img's top layer is a qcow2 v3 image (it can hold persistent bitmaps) /
- * has a bitmaps extension. */
+/* @img's top layer is a qcow2 v3 image (it can hold persistent bitmaps). */
 bool qcow2_image_supports_bitmaps(VdkImage *img);
-bool qcow2_image_has_bitmaps(VdkImage *img);
 extern const VdkOptionDesc qcow2_create_opts[];
 
 /* qcow2-snapshot.c */
@@ -340,6 +389,39 @@ void qcow2_snapshots_free(Qcow2 *s);
 /* A snapshot's L1 table, validated, in host order (g_free). */
 uint64_t *qcow2_snapshot_load_l1(Qcow2 *s, const Qcow2Snapshot *sn, GError **error);
 
+/* qcow2-bitmap.c */
+/* Load and validate the bitmap directory (autoclear bit set) into
+ * s->bitmaps; a clear one-line error for anything malformed. */
+bool qcow2_bitmaps_load(Qcow2 *s, GError **error);
+/* Read-write open: track the enabled bitmaps in memory and mark them
+ * in use on disk (synced) before any write; clear autoclear bits vdk does
+ * not maintain.  May set s->hdr_dirty. */
+bool qcow2_bitmaps_open_rw(Qcow2 *s, GError **error);
+/* Closing: write the tracked/changed bitmaps to new clusters, a new
+ * directory, switch the header, free the old clusters. */
+bool qcow2_bitmaps_store(VdkNode *n, GError **error);
+void qcow2_bitmaps_free(Qcow2 *s);
+/* measure: bytes the source's bitmaps need in an image of @cs clusters
+ * (qemu's estimate: every bitmap cluster allocated, tables, directory). */
+uint64_t qcow2_bitmaps_measure(VdkImage *src, uint64_t cs);
+void qcow2_bitmaps_info(Qcow2 *s, GString *json, GPtrArray *lines);
+bool qcow2_bitmap_op(VdkNode *n, const VdkBitmapOp *op, GError **error);
+/* Every tracked bitmap covers [off, off+len) as dirty. */
+void qcow2_bitmaps_mark_slow(Qcow2 *s, uint64_t off, uint64_t len);
+static inline void
+qcow2_bitmaps_mark(Qcow2 *s, uint64_t off, uint64_t len)
+{
+    if (G_UNLIKELY(s->nb_track)) {
+        qcow2_bitmaps_mark_slow(s, off, len);
+    }
+}
+/* The bitmaps make the image refuse an operation (resize, compact):
+ * error set, true. */
+bool qcow2_bitmaps_block(Qcow2 *s, const char *what, GError **error);
+/* Driver slots wrapping resize and snapshot apply for the bitmaps. */
+bool qcow2_truncate_bitmaps(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);
+bool qcow2_snapshot_apply_bitmaps(VdkNode *n, const char *name, GError **error);
+
 /* qcow2-check.c */
 bool qcow2_check(VdkNode *n, int fix, VdkCheckResult *res, GError **error);
 /* New refcount structure with entries of 2^@order bits (amend). */
@@ -350,6 +432,16 @@ bool qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error
 bool qcow2_amend(VdkNode *n, GHashTable *kv, GError **error);
 /* Rebuild refcounts from the L1/L2 tables (lazy-refcount repair). */
 bool qcow2_repair_refcounts(Qcow2 *s, GError **error);
+
+/* qcow2-crypto.c */
+bool qcow2_crypto_open(VdkNode *n, Qcow2 *s, GError **error);
+void qcow2_crypto_close(Qcow2 *s);
+void qcow2_crypto_info(Qcow2 *s, GString *json, GPtrArray *lines);
+/* The LUKS header area a create asks for (none: *region NULL). */
+bool qcow2_crypto_create_region(const VdkCreateOptions *o, uint8_t **region, size_t *len, GError **error);
+bool qcow2_crypto_amend_wanted(GHashTable *kv);
+bool qcow2_crypto_measure(const VdkCreateOptions *o, uint64_t cluster_size, uint64_t *bytes, GError **error);
+bool qcow2_crypto_amend(VdkNode *n, GHashTable *kv, GError **error);
 
 /* qcow2-resize */
 bool qcow2_truncate(VdkNode *n, uint64_t size, bool shrink, VdkPrealloc prealloc, GError **error);

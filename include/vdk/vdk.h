@@ -2,9 +2,10 @@
 /*
  * vdk.h - the public API of libvdk, the virtual disk kit.
  *
- * libvdk opens disk images (raw today; qcow2, vdi, vmdk as their drivers
- * land) and moves data in and out of them through an asynchronous queue
- * backed by io_uring, libaio or a thread pool.  It is meant to sit under a
+ * libvdk opens disk images (raw, qcow2, vdi, vmdk; legacy qcow read-only)
+ * and moves data in and out of them through an asynchronous queue backed by
+ * io_uring, libaio or a thread pool; vdk_queue_source_new() puts a queue in
+ * a GLib main loop.  A reference generated from this header: docs/api.md.  It is meant to sit under a
  * VMM's virtio-blk device, a storage daemon or a conversion tool.
  *
  * Threading model
@@ -114,6 +115,34 @@ VDK_API bool vdk_open_options_set_cache(VdkOpenOptions *opts, const char *mode, 
 VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engine, GError **error);
 
 /**
+ * vdk_open_options_set_force_share: (qemu-img -U) open a read-only image
+ * without checking or taking image locks, to peek at an image another
+ * process may be writing (what is read may be inconsistent).  With a
+ * read-write open, vdk_image_open() fails with EINVAL.
+ */
+VDK_API void vdk_open_options_set_force_share(VdkOpenOptions *opts, bool force_share);
+
+/** Image locking modes (QEMU's file.locking). */
+typedef enum {
+    VDK_LOCKING_AUTO = 0, /* lock where the file system has OFD locks (the default) */
+    VDK_LOCKING_ON,       /* lock; fail the open (ENOTSUP) where it cannot */
+    VDK_LOCKING_OFF,      /* take and check no locks at all */
+} VdkLocking;
+
+/**
+ * vdk_open_options_set_locking: every file of the image (the image, its
+ * backing files, vmdk extents) is locked the way QEMU locks it: OFD locks
+ * on byte 100 + n of the file for "uses permission n" and 200 + n for "does
+ * not share permission n" (n: 0 consistent read, 1 write, 3 resize).  A
+ * writer uses read, write and resize and shares neither write nor resize; a
+ * reader uses read and, through a format other than raw, shares neither
+ * either.  So a vdk writer and a QEMU, qemu-img, qemu-nbd or vdk user of the
+ * same image see each other: the later open fails with EAGAIN and
+ * "image is in use by another process (failed to get ... lock)".
+ */
+VDK_API void vdk_open_options_set_locking(VdkOpenOptions *opts, VdkLocking locking);
+
+/**
  * vdk_open_options_set: a driver or block-layer option by name, e.g.
  * ("l2-cache-size", "4M").  Unknown keys make vdk_image_open() fail with an
  * error that names them.  ("repair", "on") lets a read-write open proceed
@@ -125,10 +154,20 @@ VDK_API bool vdk_open_options_set_engine(VdkOpenOptions *opts, const char *engin
  * (OFD locks on bytes 100.. and 200.. of the file), so a vdk writer and a
  * QEMU or qemu-img writer see each other; a conflict fails the open with
  * EAGAIN and "image is in use by another process".  ("force-share", "on")
- * opens a read-only image without checking or taking locks (qemu-img -U);
- * ("locking", "off") (also "file.locking") takes none at all.
+ * is vdk_open_options_set_force_share(); ("locking", "on" | "off" | "auto")
+ * (also spelt "file.locking") is vdk_open_options_set_locking();
+ * ("rebase.force-share", "on") makes vdk_image_rebase() open the new backing
+ * file with force-share (qemu-img rebase -U).
  */
 VDK_API void vdk_open_options_set(VdkOpenOptions *opts, const char *key, const char *value);
+
+/**
+ * vdk_open_options_set_secret: a secret (a passphrase: @len bytes, copied)
+ * under the name @id, as qemu's --object secret,id=ID: the open option
+ * "encrypt.key-secret" names the one that unlocks a LUKS-encrypted qcow2
+ * image ("backing.encrypt.key-secret" for its backing file, and so on).
+ */
+VDK_API void vdk_open_options_set_secret(VdkOpenOptions *opts, const char *id, const void *data, size_t len);
 
 /* ------------------------------------------------------------------------ */
 /* Images                                                                    */
@@ -290,6 +329,55 @@ VDK_API int vdk_queue_submit_and_wait(VdkQueue *q, VdkCompletion *out, unsigned 
 VDK_API unsigned vdk_queue_pending(VdkQueue *q);
 
 /* ------------------------------------------------------------------------ */
+/* Checking and repairing (qemu-img check)                                   */
+/* ------------------------------------------------------------------------ */
+
+/** What vdk_image_check() may repair. */
+enum {
+    VDK_CHECK_FIX_LEAKS = 1,  /* clusters counted but unused (qemu-img check -r leaks) */
+    VDK_CHECK_FIX_ERRORS = 2, /* corruptions too (-r all, with FIX_LEAKS) */
+};
+
+/** qemu-img check's counters and messages. */
+typedef struct VdkCheckReport {
+    uint64_t corruptions, leaks, check_errors; /* found (after the repair, if any) */
+    uint64_t corruptions_fixed, leaks_fixed;
+    bool has_stats; /* the next fields are valid */
+    uint64_t image_end_offset;
+    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+    char **messages; /* NULL-terminated; one line per problem, in qemu-img's words */
+} VdkCheckReport;
+
+/**
+ * vdk_image_check: check the top image's metadata and, with @fix
+ * (VDK_CHECK_FIX_*; the image must be writable), repair it.  Open a damaged
+ * image with the option ("check", "on") (and ("repair", "on") to repair one
+ * marked corrupt) so that what the check reports does not refuse the open.
+ * Fills *@out (clear it with vdk_check_report_clear()); false with an error
+ * when the check could not run: ENOTSUP for a format without checks (raw),
+ * EROFS for a repair of a read-only image, or an I/O error.  Blocking;
+ * no queue of the image may have requests in flight.
+ */
+VDK_API bool vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error);
+/** Free what vdk_image_check() put in @report. */
+VDK_API void vdk_check_report_clear(VdkCheckReport *report);
+
+/** A completion handed to a vdk_queue_source_new() callback. */
+typedef void (*VdkQueueCompletionFunc)(VdkQueue *q, const VdkCompletion *completion, gpointer user_data);
+
+/**
+ * vdk_queue_source_new: a GSource for GLib main loops.  It watches the
+ * queue's eventfd and, when it is readable, reaps every completion and
+ * calls the callback set with g_source_set_callback() (cast the
+ * VdkQueueCompletionFunc with G_SOURCE_FUNC) once per completion.
+ * Attach it to the GMainContext that the queue's thread iterates (a queue
+ * belongs to one thread); requests are still queued and submitted with
+ * vdk_queue_*().  Destroying the source leaves the queue alone; free the
+ * queue only after the source is destroyed.  Returns a new reference.
+ */
+VDK_API GSource *vdk_queue_source_new(VdkQueue *q);
+
+/* ------------------------------------------------------------------------ */
 /* Synchronous calls (a private queue: submit + poll loop)                   */
 /* ------------------------------------------------------------------------ */
 
@@ -333,6 +421,8 @@ VDK_API bool vdk_create_options_set(VdkCreateOptions *opts, const char *key, con
                                     GError **error);
 /** Overwrite an existing regular file (default: refuse with EEXIST). */
 VDK_API void vdk_create_options_set_overwrite(VdkCreateOptions *opts, bool overwrite);
+/** vdk_create_options_set_secret: a secret for encrypt.key-secret=@id (qcow2 LUKS). */
+VDK_API void vdk_create_options_set_secret(VdkCreateOptions *opts, const char *id, const void *data, size_t len);
 /**
  * Open the backing file while creating (default true): it must exist, its
  * format (backing_fmt) is checked and its size is the image size when no
@@ -456,6 +546,36 @@ VDK_API bool vdk_image_allocate(VdkImage *img, VdkPrealloc mode,
  * images, e.g. with internal snapshots) it cannot compact.
  */
 VDK_API bool vdk_image_compact(VdkImage *img, uint64_t *before, uint64_t *after, GError **error);
+
+/** An action on a persistent dirty bitmap (qemu-img bitmap). */
+typedef enum VdkBitmapAction {
+    VDK_BITMAP_ADD = 1, /* a new, empty, enabled bitmap */
+    VDK_BITMAP_REMOVE,  /* delete it (also an inconsistent one) */
+    VDK_BITMAP_CLEAR,   /* all bits clear */
+    VDK_BITMAP_ENABLE,  /* writes through vdk (and qemu) set its bits */
+    VDK_BITMAP_DISABLE, /* frozen */
+    VDK_BITMAP_MERGE,   /* OR another bitmap's bits into it */
+} VdkBitmapAction;
+
+/** One bitmap action for vdk_image_bitmap(). */
+typedef struct VdkBitmapOp {
+    VdkBitmapAction action;
+    const char *name;        /* the bitmap (at most 1023 bytes) */
+    uint64_t granularity;    /* ADD: bytes per bit, a power of two from 512 to 2 GiB; 0: qemu's default */
+    VdkImage *source;        /* MERGE: the image holding the source bitmap; NULL: this image */
+    const char *source_name; /* MERGE: the source bitmap's name */
+} VdkBitmapOp;
+
+/**
+ * vdk_image_bitmap: one action on a persistent dirty bitmap of the top
+ * image (qcow2 version 3, opened read-write), with qemu-img bitmap's
+ * rules and messages.  The change is written when the image is closed,
+ * crash-safe (new directory and tables in new clusters, then the header
+ * switch).  While a read-write image is open its enabled bitmaps are
+ * marked in use on disk and every write, write-zeroes and discard sets
+ * their bits in memory.  Blocking; no I/O in flight.
+ */
+VDK_API bool vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error);
 
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {

@@ -232,6 +232,10 @@ class Case:
         self.engine = engine
         self.cache = cache
 
+    def log(self, msg):
+        """A TAP diagnostic line (counts, measurements)."""
+        print('# ' + msg, flush=True)
+
     def path(self, name):
         return os.path.join(self.dir, name)
 

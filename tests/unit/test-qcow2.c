@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "block/block.h"
+#include "formats/qcow2/qcow2.h"
 #include "testutil.h"
 
 #define MODEL_SIZE (24u << 20)
@@ -633,6 +634,70 @@ test_crash(const TestVariant *v)
     g_free(path);
 }
 
+/* A writer killed at random moments with an enabled persistent bitmap:
+ * the bitmap is marked in use on disk before any write lands, so after
+ * the kill it is either in use (inconsistent) or nothing was written; the
+ * image stays consistent, and the bitmap can be removed. */
+static void
+test_crash_bitmap(const TestVariant *v)
+{
+    char *path = test_path("crash-bitmap.qcow2");
+    for (int iter = 0; iter < 8; iter++) {
+        uint64_t seed = 2000 + (uint64_t)iter;
+        create_qcow2(path, CRASH_SIZE, iter % 2 ? "cluster_size=4096" : NULL, NULL);
+        GError *err = NULL;
+        VdkImage *img = open_with(path, NULL, false, NULL);
+        VdkBitmapOp add = {.action = VDK_BITMAP_ADD, .name = "b", .granularity = 65536};
+        g_assert_true(vdk_image_bitmap(img, &add, &err));
+        g_assert_no_error(err);
+        g_assert_true(vdk_image_close(img, &err));
+        TestCrash c;
+        test_crash_run(&c, path, "qcow2", v->engine, CRASH_SIZE, CRASH_OPS, seed, 1 + iter * 9 % 40);
+        img = open_with(path, NULL, true, NULL);
+        Qcow2 *s = img->top->opaque;
+        g_assert_cmpuint(s->nb_bitmaps, ==, 1);
+        bool in_use = (s->bitmaps[0].flags & QCOW2_BM_IN_USE) != 0;
+        check_image(img, true);
+        uint8_t *buf = test_crash_verify(&c, img, iter);
+        if (!in_use) {
+            for (uint64_t i = 0; i < CRASH_SIZE; i++) {
+                if (buf[i]) {
+                    g_error("iteration %d: byte %" G_GUINT64_FORMAT " was written but the bitmap is not in use", iter,
+                            i);
+                }
+            }
+        }
+        g_test_message("iteration %d: bitmap %s", iter, in_use ? "in use" : "clean, nothing written");
+        vdk_image_close(img, NULL);
+        /* a read-write open leaves an inconsistent bitmap alone; remove works */
+        img = open_with(path, NULL, false, NULL);
+        VdkBitmapOp clear = {.action = VDK_BITMAP_CLEAR, .name = "b"};
+        bool cleared = vdk_image_bitmap(img, &clear, &err);
+        g_assert_true(cleared == !in_use);
+        g_clear_error(&err);
+        VdkBitmapOp rm = {.action = VDK_BITMAP_REMOVE, .name = "b"};
+        g_assert_true(vdk_image_bitmap(img, &rm, &err));
+        g_assert_true(vdk_image_close(img, &err));
+        img = open_with(path, NULL, true, NULL);
+        g_assert_cmpuint(((Qcow2 *)img->top->opaque)->nb_bitmaps, ==, 0);
+        check_image(img, true);
+        vdk_image_close(img, NULL);
+        char *qemu_img = g_find_program_in_path("qemu-img");
+        if (qemu_img) {
+            g_free(qemu_img);
+            char *cmd = g_strdup_printf("qemu-img check -q '%s' >/dev/null 2>&1", path);
+            int rc = test_sh(cmd);
+            g_free(cmd);
+            if (rc != 0 && rc != 3) {
+                g_error("iteration %d: qemu-img check says %d", iter, rc);
+            }
+        }
+        g_free(buf);
+        test_crash_clear(&c);
+    }
+    g_free(path);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -658,5 +723,6 @@ main(int argc, char **argv)
     }
     g_test_add_func("/qcow2/runtime-corruption", test_runtime_corruption);
     test_add_variants("qcow2", "crash-sigkill", test_crash, buffered);
+    test_add_variants("qcow2", "crash-sigkill-bitmap", test_crash_bitmap, buffered);
     return g_test_run();
 }

@@ -282,6 +282,21 @@ test_crash_run(TestCrash *c, const char *path, const char *format, const char *e
         flushed = x;
     }
     close(p[0]);
+    /* A killed process's io_uring lets go of its files (and so of its image
+     * locks) a moment after the process is gone: wait for that. */
+    for (int tries = 0; tries < 500; tries++) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            break;
+        }
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = 100, .l_len = 110};
+        int r = fcntl(fd, F_OFD_GETLK, &fl);
+        close(fd);
+        if (r != 0 || fl.l_type == F_UNLCK) {
+            break;
+        }
+        g_usleep(10000);
+    }
     g_test_message("killed after %d flushed writes", flushed);
     CrashOp *ops = crash_plan(seed, size, nops);
     c->size = size;
