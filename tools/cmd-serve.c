@@ -280,6 +280,12 @@ out:
             ret = 1;
         }
     }
+    /* Consume the shutdown signals that arrived (the server only watched
+     * the signalfd), or unblocking them below would deliver them and kill
+     * the process after the clean shutdown. */
+    struct signalfd_siginfo si;
+    while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+    }
     close(sfd);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return ret;
