@@ -521,6 +521,17 @@ vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error
         g_set_error(error, VDK_ERROR, EROFS, "a repair needs the image opened read-write");
         return false;
     }
+    /* the check reads the metadata on disk: what the caches hold of a
+     * writable image goes there first (else the check would report the
+     * difference as corruption) */
+    if (!n->read_only) {
+        int r = vdk_image_flush(img);
+        if (r < 0) {
+            g_set_error(error, VDK_ERROR, -r, "cannot write back the metadata before the check: %s",
+                        g_strerror(-r));
+            return false;
+        }
+    }
     VdkCheckResult res;
     memset(&res, 0, sizeof(res));
     res.messages = g_ptr_array_new_with_free_func(g_free);

@@ -23,7 +23,10 @@
  * resynchronised) or an unknown client flag closes the connection.  Per
  * connection at most CONN_MAX_REQS requests and CONN_MAX_BYTES of buffers
  * are held at once, counting replies the client has not read yet: past
- * that the connection's socket is not read until replies drain.
+ * that the connection's socket is not read until replies drain.  All
+ * connections together (closed ones whose requests are still in the queue
+ * included) hold at most SERVER_MAX_BYTES; idle requests keep at most
+ * REQ_CACHE_BYTES of buffers for reuse.
  *
  * Multi-conn: every connection's requests go through the one queue of one
  * image in this process, so a flush on any connection covers every write
@@ -42,6 +45,7 @@
 #include <stdarg.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -157,6 +161,8 @@
 #define HANDSHAKE_TIMEOUT_US (10 * G_USEC_PER_SEC) /* qemu-nbd's default handshake limit */
 #define REQ_CACHE_MAX 256u             /* idle request structs kept for reuse */
 #define REQ_KEEP_BUF (128u << 10)      /* largest buffer an idle request keeps */
+#define REQ_CACHE_BYTES (8u << 20)     /* buffer bytes idle requests keep in all */
+#define SERVER_MAX_BYTES (512u << 20)  /* buffer bytes held by all connections (closed ones too) */
 #define ALIGN 4096u
 
 /* epoll tags that are not connections (connections are tagged by pointer). */
@@ -252,6 +258,8 @@ struct VdkNbdServer {
     bool queue_full;
     NbdReq *cache;
     unsigned ncache;
+    size_t cache_bytes; /* buffer bytes idle requests keep */
+    size_t nbytes;      /* buffer bytes held by every connection's requests */
     uint16_t tflags;
 };
 
@@ -358,6 +366,53 @@ nbd_errno(int err)
 /* ------------------------------------------------------------------------ */
 /* requests                                                                  */
 
+/* Buffer bytes held for a connection's requests count against its own
+ * bound and the server's: requests of connections already closed stay
+ * until the queue completes them, so only the server's bound keeps
+ * clients that connect, send and leave again and again from piling up
+ * memory. */
+static inline void
+conn_acct(NbdConn *c, ssize_t delta)
+{
+    c->nbytes += (size_t)delta;
+    c->srv->nbytes += (size_t)delta;
+}
+
+/* Request buffers.  Up to REQ_KEEP_BUF they come from the heap in
+ * power-of-two sizes, so a buffer an idle request keeps fits the next
+ * request of its class and the few classes cannot fragment the heap (a
+ * mix of sizes did: the heap grew without bound under a soak test while
+ * little of it was in use); larger ones are mapped and unmapped whole. */
+static void *
+buf_alloc(size_t *cap)
+{
+    if (*cap > REQ_KEEP_BUF) {
+        *cap = (*cap + ALIGN - 1) & ~(size_t)(ALIGN - 1);
+        void *p = mmap(NULL, *cap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    size_t c = ALIGN;
+    while (c < *cap) {
+        c *= 2;
+    }
+    *cap = c;
+    void *p = NULL;
+    return posix_memalign(&p, ALIGN, c) == 0 ? p : NULL;
+}
+
+static void
+buf_free(void *p, size_t cap)
+{
+    if (!p) {
+        return;
+    }
+    if (cap > REQ_KEEP_BUF) {
+        munmap(p, cap);
+    } else {
+        free(p);
+    }
+}
+
 static NbdReq *
 req_new(NbdConn *c)
 {
@@ -366,6 +421,7 @@ req_new(NbdConn *c)
     if (r) {
         s->cache = r->next;
         s->ncache--;
+        s->cache_bytes -= r->buf_cap;
         void *buf = r->buf;
         size_t cap = r->buf_cap;
         memset(r, 0, sizeof(*r));
@@ -376,7 +432,7 @@ req_new(NbdConn *c)
     }
     r->conn = c;
     c->nreqs++;
-    c->nbytes += r->buf_cap;
+    conn_acct(c, (ssize_t)r->buf_cap);
     return r;
 }
 
@@ -386,14 +442,14 @@ req_free(NbdReq *r)
     NbdConn *c = r->conn;
     VdkNbdServer *s = c->srv;
     c->nreqs--;
-    c->nbytes -= r->buf_cap;
+    conn_acct(c, -(ssize_t)r->buf_cap);
     for (int i = 0; i < 2; i++) {
         g_free(r->ext[i]);
-        c->nbytes -= (size_t)r->cap_ext[i] * sizeof(Extent);
+        conn_acct(c, -(ssize_t)((size_t)r->cap_ext[i] * sizeof(Extent)));
     }
     g_free(r->bs_payload);
-    if (r->buf_cap > REQ_KEEP_BUF) {
-        free(r->buf);
+    if (r->buf_cap > REQ_KEEP_BUF || s->cache_bytes + r->buf_cap > REQ_CACHE_BYTES) {
+        buf_free(r->buf, r->buf_cap);
         r->buf = NULL;
         r->buf_cap = 0;
     }
@@ -403,8 +459,9 @@ req_free(NbdReq *r)
         r->next = s->cache;
         s->cache = r;
         s->ncache++;
+        s->cache_bytes += r->buf_cap;
     } else {
-        free(r->buf);
+        buf_free(r->buf, r->buf_cap);
         g_free(r);
     }
 }
@@ -417,16 +474,16 @@ req_buf(NbdReq *r, size_t len)
         return true;
     }
     NbdConn *c = r->conn;
-    size_t cap = MAX((len + ALIGN - 1) & ~(size_t)(ALIGN - 1), (size_t)ALIGN);
-    void *p = NULL;
-    if (posix_memalign(&p, ALIGN, cap) != 0) {
+    size_t cap = len;
+    void *p = buf_alloc(&cap);
+    if (!p) {
         return false;
     }
-    free(r->buf);
-    c->nbytes -= r->buf_cap;
+    buf_free(r->buf, r->buf_cap);
+    conn_acct(c, -(ssize_t)r->buf_cap);
     r->buf = p;
     r->buf_cap = cap;
-    c->nbytes += cap;
+    conn_acct(c, (ssize_t)cap);
     return true;
 }
 
@@ -735,7 +792,7 @@ ext_add(NbdReq *r, int i, uint32_t len, uint32_t flags)
         if (!n) {
             return false;
         }
-        r->conn->nbytes += (size_t)(ncap - r->cap_ext[i]) * sizeof(Extent);
+        conn_acct(r->conn, (ssize_t)((size_t)(ncap - r->cap_ext[i]) * sizeof(Extent)));
         r->ext[i] = n;
         r->cap_ext[i] = ncap;
     }
@@ -1247,7 +1304,8 @@ conn_can_parse(NbdConn *c)
     case PH_OPTIONS:
         return c->hs_out->len - c->hs_off < CONN_MAX_HS_OUT;
     case PH_TRANS:
-        return !c->eof && c->nreqs < CONN_MAX_REQS && c->nbytes < CONN_MAX_BYTES;
+        return !c->eof && c->nreqs < CONN_MAX_REQS && c->nbytes < CONN_MAX_BYTES &&
+               c->srv->nbytes < SERVER_MAX_BYTES;
     default:
         return false;
     }
@@ -1457,6 +1515,11 @@ conn_close(NbdConn *c)
         req_free(c->rx_req);
         c->rx_req = NULL;
     }
+    /* nothing more is read: the input buffer goes now, not when the last
+     * of the connection's requests leaves the queue */
+    buf_free(c->in, CONN_INBUF);
+    c->in = NULL;
+    c->in_start = c->in_end = 0;
     s->nclients--;
     if (s->nclients == 0 && !s->persistent && s->had_client) {
         s->stopping = true;
@@ -1477,8 +1540,53 @@ conn_destroy(NbdConn *c)
         c->next->prev = c->prev;
     }
     g_byte_array_free(c->hs_out, TRUE);
-    g_free(c->in);
+    buf_free(c->in, CONN_INBUF);
     g_free(c);
+}
+
+/* Take @fd (a connected, non-blocking socket) as a new client: it gets
+ * the greeting and is watched by the loop.  False (fd closed) on failure. */
+static bool
+server_adopt(VdkNbdServer *s, int fd)
+{
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); /* fails harmlessly on unix sockets */
+    NbdConn *c = g_new0(NbdConn, 1);
+    c->srv = s;
+    c->fd = fd;
+    c->phase = PH_CLIENT_FLAGS;
+    size_t in_cap = CONN_INBUF;
+    c->in = buf_alloc(&in_cap); /* mapped: see buf_alloc */
+    if (!c->in) {
+        g_warning("nbd: out of memory for a connection");
+        close(fd);
+        g_free(c);
+        return false;
+    }
+    c->hs_out = g_byte_array_new();
+    c->start_us = g_get_monotonic_time();
+    ba_put64(c->hs_out, NBD_MAGIC);
+    ba_put64(c->hs_out, NBD_OPTS_MAGIC);
+    ba_put16(c->hs_out, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+    c->ep_events = EPOLLIN;
+    struct epoll_event ev = {.events = c->ep_events, .data.ptr = c};
+    if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        g_warning("nbd: epoll_ctl failed: %s", g_strerror(errno));
+        close(fd);
+        g_byte_array_free(c->hs_out, TRUE);
+        buf_free(c->in, CONN_INBUF);
+        g_free(c);
+        return false;
+    }
+    c->next = s->conns;
+    if (s->conns) {
+        s->conns->prev = c;
+    }
+    s->conns = c;
+    s->nclients++;
+    s->had_client = true;
+    server_update_accepting(s);
+    return true;
 }
 
 static void
@@ -1495,36 +1603,7 @@ server_accept(VdkNbdServer *s, int lfd)
             }
             return;
         }
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)); /* fails harmlessly on unix sockets */
-        NbdConn *c = g_new0(NbdConn, 1);
-        c->srv = s;
-        c->fd = fd;
-        c->phase = PH_CLIENT_FLAGS;
-        c->in = g_malloc(CONN_INBUF);
-        c->hs_out = g_byte_array_new();
-        c->start_us = g_get_monotonic_time();
-        ba_put64(c->hs_out, NBD_MAGIC);
-        ba_put64(c->hs_out, NBD_OPTS_MAGIC);
-        ba_put16(c->hs_out, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-        c->ep_events = EPOLLIN;
-        struct epoll_event ev = {.events = c->ep_events, .data.ptr = c};
-        if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-            g_warning("nbd: epoll_ctl failed: %s", g_strerror(errno));
-            close(fd);
-            g_byte_array_free(c->hs_out, TRUE);
-            g_free(c->in);
-            g_free(c);
-            continue;
-        }
-        c->next = s->conns;
-        if (s->conns) {
-            s->conns->prev = c;
-        }
-        s->conns = c;
-        s->nclients++;
-        s->had_client = true;
-        server_update_accepting(s);
+        server_adopt(s, fd);
     }
 }
 
@@ -1681,6 +1760,23 @@ vdk_nbd_server_add_listener(VdkNbdServer *s, int fd, GError **error)
 }
 
 bool
+vdk_nbd_server_add_client(VdkNbdServer *s, int fd, GError **error)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        g_set_error(error, VDK_ERROR, errno, "nbd: cannot make the client socket non-blocking: %s",
+                    g_strerror(errno));
+        close(fd);
+        return false;
+    }
+    if (!server_adopt(s, fd)) {
+        g_set_error(error, VDK_ERROR, EIO, "nbd: cannot watch the client socket");
+        return false;
+    }
+    return true;
+}
+
+bool
 vdk_nbd_server_run(VdkNbdServer *s, GError **error)
 {
     server_update_accepting(s);
@@ -1763,7 +1859,7 @@ vdk_nbd_server_free(VdkNbdServer *s)
         NbdConn *c = s->conns;
         s->conns = c->next;
         g_byte_array_free(c->hs_out, TRUE);
-        g_free(c->in);
+        buf_free(c->in, CONN_INBUF);
         g_free(c);
     }
     /* requests of freed connections are gone with the queue; the cache holds
@@ -1771,7 +1867,7 @@ vdk_nbd_server_free(VdkNbdServer *s)
     while (s->cache) {
         NbdReq *r = s->cache;
         s->cache = r->next;
-        free(r->buf);
+        buf_free(r->buf, r->buf_cap);
         g_free(r);
     }
     for (guint i = 0; i < s->listeners->len; i++) {

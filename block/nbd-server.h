@@ -36,6 +36,11 @@ VdkNbdServer *vdk_nbd_server_new(VdkImage *img, const VdkNbdServerConfig *cfg, G
  * the server owns and closes it. */
 bool vdk_nbd_server_add_listener(VdkNbdServer *srv, int fd, GError **error);
 
+/* Serve one client already connected on @fd (e.g. one end of a
+ * socketpair); the server owns and closes it.  It counts against
+ * max_clients like an accepted one. */
+bool vdk_nbd_server_add_client(VdkNbdServer *srv, int fd, GError **error);
+
 /*
  * vdk_nbd_server_run: serve until stop_fd becomes readable, or, unless
  * persistent, until the last client has disconnected.  Returns with every

@@ -355,8 +355,10 @@ typedef struct VdkCheckReport {
  * marked corrupt) so that what the check reports does not refuse the open.
  * Fills *@out (clear it with vdk_check_report_clear()); false with an error
  * when the check could not run: ENOTSUP for a format without checks (raw),
- * EROFS for a repair of a read-only image, or an I/O error.  Blocking;
- * no queue of the image may have requests in flight.
+ * EROFS for a repair of a read-only image, or an I/O error.  A writable
+ * image is flushed first (its cached metadata written back), so the check
+ * sees what the image holds now.  Blocking; no queue of the image may have
+ * requests in flight.
  */
 VDK_API bool vdk_image_check(VdkImage *img, unsigned fix, VdkCheckReport *out, GError **error);
 /** Free what vdk_image_check() put in @report. */

@@ -15,11 +15,12 @@ fixed so it is replayed on every run."""
 import argparse
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
 SRC = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TARGETS = ['qcow2', 'vdi', 'vmdk', 'qcow', 'probe', 'vmdk-desc']
+TARGETS = ['qcow2', 'vdi', 'vmdk', 'qcow', 'probe', 'vmdk-desc', 'nbd']
 
 
 def sh(args, **kw):
@@ -123,8 +124,39 @@ def seeds(d):
                 'RW 4194304 SPARSE "a-s001.vmdk"\nRW 2048 SPARSE "a-s002.vmdk"\n'
                 'RDONLY 100 ZERO\nRW 8 FLAT "f.raw" 16\n\nddb.virtualHWVersion = "4"\n'
                 'ddb.adapterType = "ide"\nparentFileNameHint="p.vmdk"\n')
+    nbd_seeds(out['nbd'])
     shutil.rmtree(tmp)
     return out
+
+
+def nbd_seeds(d):
+    """Client byte streams: handshakes (EXPORT_NAME, GO with structured
+    replies and both meta contexts, LIST, INFO) followed by one of every
+    command, as a well-behaved client sends them."""
+    opts_magic, req_magic = 0x49484156454f5054, 0x25609513
+
+    def opt(o, data=b''):
+        return struct.pack('>QII', opts_magic, o, len(data)) + data
+
+    def req(cmd, cookie, off, length, flags=0, data=b''):
+        return struct.pack('>IHHQQI', req_magic, flags, cmd, cookie, off, length) + data
+
+    meta = struct.pack('>I', 0) + struct.pack('>I', 2) + struct.pack('>I', 15) + b'base:allocation' + \
+        struct.pack('>I', 21) + b'qemu:allocation-depth'
+    go = opt(7, struct.pack('>IH', 0, 1) + struct.pack('>H', 3))
+    cmds = (req(0, 1, 0, 4096) + req(1, 2, 4096, 512, 1, b'\xab' * 512) + req(3, 3, 0, 0) +
+            req(4, 4, 8192, 4096) + req(5, 5, 0, 65536) + req(6, 6, 12288, 4096, 2) +
+            req(7, 7, 0, 1 << 20) + req(7, 8, 0, 1 << 20, 8) + req(0, 9, 1048064, 512, 4) + req(2, 10, 0, 0))
+    seeds = {
+        'export-name': struct.pack('>I', 3) + opt(1, b'') + cmds,
+        'go-structured': struct.pack('>I', 3) + opt(8) + opt(10, meta) + go + cmds,
+        'list-info': struct.pack('>I', 1) + opt(3) + opt(9, meta) + opt(6, struct.pack('>IH', 0, 0)) +
+        opt(8) + go + cmds,
+        'abort': struct.pack('>I', 1) + opt(2),
+    }
+    for name, data in seeds.items():
+        with open(os.path.join(d, name), 'wb') as f:
+            f.write(data)
 
 
 def main():

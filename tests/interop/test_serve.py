@@ -744,6 +744,109 @@ def t_shared_limit(t):
 
 
 # ---------------------------------------------------------------------------
+# soak: fio load plus clients that disconnect at random points
+
+SOAK_SECONDS = int(os.environ.get('VDK_SOAK_SECONDS', '60'))
+
+
+def proc_rss(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * KiB
+    return 0
+
+
+def proc_fds(pid):
+    return len(os.listdir('/proc/%d/fd' % pid))
+
+
+def t_soak(t):
+    """VDK_SOAK_SECONDS (default 60; hours for a long run) of fio's nbd
+    engine doing verified random writes and reads on one half of a qcow2
+    while other clients hammer the other half and disconnect at random
+    points (mid-header, mid-payload, with requests in flight, after a
+    flush).  The server must stay up, its memory and file descriptors must
+    not grow after the warm-up, every fio pass must verify, and the image
+    must be clean afterwards."""
+    import random
+    rnd = random.Random(int(os.environ.get('VDK_SOAK_SEED', '1')))
+    t.qemu_img('create', '-f', 'qcow2', '-o', 'cluster_size=64k', 'a.qcow2', '64M')
+    s = Server(t, 'a.qcow2', '--persistent', '-e', '0')
+    deadline = time.monotonic() + SOAK_SECONDS
+    fio_args = [FIO, '--name=soak', '--ioengine=nbd', '--uri=' + s.uri, '--rw=randwrite', '--bs=4k',
+                '--iodepth=16', '--offset=0', '--size=32M', '--io_size=16M', '--verify=crc32c',
+                '--do_verify=1', '--verify_fatal=1', '--output-format=json']
+    fio = subprocess.Popen(fio_args, cwd=t.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    passes = clients = 0
+    samples = []
+    warm = time.monotonic() + min(10, SOAK_SECONDS / 4)
+    try:
+        while time.monotonic() < deadline or fio.poll() is None:
+            if fio.poll() is not None:
+                out, err = fio.communicate()
+                expect(fio.returncode == 0, 'fio pass %d failed: %s' % (passes + 1, err[-2000:]))
+                passes += 1
+                if time.monotonic() < deadline:
+                    fio = subprocess.Popen(fio_args, cwd=t.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                           text=True)
+                continue
+            s.expect_alive('%d soak clients' % clients)
+            c = Client(s.sock)
+            clients += 1
+            try:
+                c.handshake(meta=[b'base:allocation'] if rnd.random() < 0.5 else ())
+                for _ in range(rnd.randrange(1, 40)):
+                    off = 32 * MiB + rnd.randrange(0, 32 * MiB - 64 * KiB, 512)
+                    n = rnd.choice((512, 4096, 65536))
+                    kind = rnd.random()
+                    if kind < 0.4:
+                        c.send_request(CMD_WRITE, cookie=1, offset=off, length=n, data=bytes([rnd.randrange(256)]) * n)
+                    elif kind < 0.7:
+                        c.send_request(CMD_READ, cookie=2, offset=off, length=n)
+                    elif kind < 0.8:
+                        c.send_request(CMD_TRIM, cookie=3, offset=off, length=n)
+                    elif kind < 0.9:
+                        c.send_request(CMD_WZ, cookie=4, offset=off, length=n)
+                    else:
+                        c.send_request(CMD_FLUSH, cookie=5)
+                end = rnd.random()
+                if end < 0.25:
+                    c.send(struct.pack('>IHH', REQ_MAGIC, 0, CMD_WRITE))       # cut mid-header
+                elif end < 0.5:
+                    c.send(struct.pack('>IHHQQI', REQ_MAGIC, 0, CMD_WRITE, 9, 40 * MiB, 65536) + b'x' * 1000)
+                elif end < 0.75:
+                    c.read_reply()                                              # read a little, then leave
+                else:
+                    c.send_request(CMD_DISC)                                    # a polite goodbye
+            except (Closed, OSError):
+                pass
+            finally:
+                c.close()
+            if time.monotonic() > warm:
+                samples.append((proc_rss(s.p.pid), proc_fds(s.p.pid)))
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.communicate()
+    expect(passes >= 1 and clients >= 10, 'soak ran %d fio passes, %d clients' % (passes, clients))
+    time.sleep(0.5)  # let the last disconnects be noticed
+    s.expect_alive('the soak')
+    rss_end, fds_end = proc_rss(s.p.pid), proc_fds(s.p.pid)
+    # the backlog of requests left by clients that leave is bounded, so
+    # memory reaches a plateau during the warm-up; a leak keeps growing
+    first = samples[:max(1, len(samples) // 4)]
+    rss_warm = max(r for r, _ in first)
+    expect(rss_end <= rss_warm + 16 * MiB and rss_end < 600 * MiB,
+           'server memory grew from %d to %d KiB over %d clients' % (rss_warm // KiB, rss_end // KiB, clients))
+    expect(fds_end <= min(f for _, f in samples), 'server holds %d fds after the soak' % fds_end)
+    s.stop()
+    check_clean(t, 'a.qcow2')
+    print('# soak: %d s, %d fio passes, %d disconnecting clients, RSS %d -> %d KiB'
+          % (SOAK_SECONDS, passes, clients, rss_warm // KiB, rss_end // KiB))
+
+
+# ---------------------------------------------------------------------------
 
 suite.add('info-exits-after-last-client', reaped(t_info_exits_after_last_client))
 suite.add_io('read-write', reaped(t_read_write), caches=('none',))
@@ -759,6 +862,7 @@ suite.add('sigint-during-io', reaped(t_sigint_during_io))
 suite.add('hostile-handshake', reaped(t_hostile_handshake))
 suite.add('hostile-requests', reaped(t_hostile_requests))
 suite.add('hostile-disconnects', reaped(t_hostile_disconnects))
+suite.add('soak', reaped(t_soak))
 
 if __name__ == '__main__':
     main(suite)
