@@ -345,7 +345,7 @@ copy_handle(Copy *c, const VdkCompletion *cp, bool from_src)
 }
 
 bool
-vdk_copy(const VdkCopyParams *p, GError **error)
+vdk_copy(VdkCopyParams *p, GError **error)
 {
     Copy c;
     memset(&c, 0, sizeof(c));
@@ -358,6 +358,10 @@ vdk_copy(const VdkCopyParams *p, GError **error)
                     "the target (%" PRIu64 " bytes) is smaller than the source (%" PRIu64 " bytes)",
                     vdk_image_get_size(p->dst), c.total);
         return false;
+    }
+    int off = vdk_copy_offload(p, &p->offload_used, error);
+    if (off != 0) {
+        return off > 0;
     }
     uint64_t chunk = p->chunk ? p->chunk : COPY_DEFAULT_CHUNK;
     c.nslots = p->max_inflight ? p->max_inflight : COPY_DEFAULT_INFLIGHT;

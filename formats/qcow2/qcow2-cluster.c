@@ -699,32 +699,77 @@ qcow2_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
 }
 
 /* Space for @len bytes of compressed data: packed after the previous
- * compressed cluster in the same host cluster when it fits (that cluster
- * gains a reference), else in a new cluster. */
+ * compressed data.  When it does not fit in the rest of that host cluster
+ * and the next allocation would be the cluster right after it, the data
+ * continues into that cluster (both clusters gain a reference), as qemu
+ * packs them; otherwise it starts a new cluster and the rest of the old
+ * one stays unused.  Restartable: a wait (a refcount block to load) leaves
+ * the state so that calling again finishes the same step. */
 static uint64_t
 alloc_bytes(Qcow2 *s, uint64_t len, VdkRequest *r, int *ret)
 {
+    uint64_t cs = s->cluster_size;
     uint64_t off;
     *ret = -ERANGE;
-    if (s->comp_cluster && s->comp_used + len <= s->cluster_size) {
+    if (s->comp_span_next && (!s->comp_cluster || s->comp_span_next != s->comp_cluster + cs)) {
+        /* stale (the packing cluster was reset meanwhile): a fresh cluster */
+        s->comp_cluster = s->comp_span_next;
+        s->comp_used = 0;
+        s->comp_span_next = 0;
+    }
+    if (s->comp_cluster && s->comp_used + len <= cs) {
         *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
         if (*ret != 0 && *ret != -ERANGE) {
             return 0;
         }
-    }
-    if (*ret == 0) {
-        off = s->comp_cluster + s->comp_used;
-    } else {
-        /* no room, or its refcount is at the maximum the width allows
-         * (1-bit refcounts: one compressed cluster per host cluster) */
-        off = qcow2_alloc_clusters(s, 1, r, ret);
-        if (!off) {
+        if (*ret == 0) {
+            off = s->comp_cluster + s->comp_used;
+            s->comp_used += len;
+            return off;
+        }
+    } else if (s->comp_cluster && s->comp_used < cs && len <= cs &&
+               (s->comp_span_next || s->next_free == s->comp_cluster + cs)) {
+        if (!s->comp_span_next) {
+            uint64_t next = qcow2_alloc_clusters(s, 1, r, ret);
+            if (!next) {
+                return 0;
+            }
+            if (next != s->comp_cluster + cs) {
+                /* not contiguous after all (refcount structures went
+                 * first): pack from the start of the new cluster */
+                s->comp_cluster = next;
+                s->comp_used = len;
+                *ret = 0;
+                return next;
+            }
+            s->comp_span_next = next;
+        }
+        *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
+        if (*ret != 0 && *ret != -ERANGE) {
             return 0;
         }
-        s->comp_cluster = off;
-        s->comp_used = 0;
+        if (*ret == 0) {
+            off = s->comp_cluster + s->comp_used;
+            s->comp_used = s->comp_used + len - cs;
+        } else {
+            /* the old cluster's refcount is at its maximum (1-bit
+             * refcounts): start at the new cluster */
+            off = s->comp_span_next;
+            s->comp_used = len;
+            *ret = 0;
+        }
+        s->comp_cluster = s->comp_span_next;
+        s->comp_span_next = 0;
+        return off;
     }
-    s->comp_used += len;
+    /* no packing cluster yet, or no room and no contiguous cluster, or
+     * its refcount is at the maximum the width allows */
+    off = qcow2_alloc_clusters(s, 1, r, ret);
+    if (!off) {
+        return 0;
+    }
+    s->comp_cluster = off;
+    s->comp_used = len;
     return off;
 }
 

@@ -216,6 +216,9 @@ struct Qcow2 {
     uint64_t next_free;
     uint64_t comp_cluster;    /* cluster holding packed compressed data, or 0 */
     uint64_t comp_used;       /* bytes used in it */
+    uint64_t comp_span_next;  /* the cluster right after comp_cluster, allocated
+                               * for compressed data that continues into it
+                               * (while the old cluster's reference is taken), or 0 */
     Qcow2Alloc *allocs;       /* allocating writes in flight */
     GThreadPool *comp_pool;   /* compressed writes: compression workers (lazy) */
     GArray *frees;            /* Qcow2Free, applied after the next durable flush */
