@@ -79,6 +79,11 @@ offload_reflink(const VdkCopyParams *p)
     if ((uint64_t)st.st_size != dsize || vdk_image_get_size(p->src[0]) != dsize) {
         return 0;
     }
+    /* A target that already owns blocks was preallocated on purpose
+     * (-o preallocation=falloc/full): a clone would give them back. */
+    if (st.st_blocks != 0) {
+        return 0;
+    }
     /* A source whose length is not whole blocks can only be cloned into
      * a target that ends where the clone ends: start from an empty file
      * (it reads as zeroes, so nothing is lost) and restore the size if

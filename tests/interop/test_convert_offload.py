@@ -267,6 +267,19 @@ def t_reflink(t):
         o = stats_of(convert(t, '-S', '0', '-f', 'raw', '-O', 'raw', src, full))
         expect_eq(o['copy_offload'], 'none', '-S 0')
         expect(os.stat(full).st_blocks * 512 >= 256 * MiB, '-S 0 target not fully allocated')
+        # a preallocated target keeps its blocks: cloning would give them back
+        small = os.path.join(mnt, 'small.img')
+        with open(small, 'wb') as f:
+            f.truncate(32 * MiB)
+            f.write(os.urandom(MiB))
+        pre = os.path.join(mnt, 'pre.img')
+        o = stats_of(convert(t, '-o', 'preallocation=falloc', '-f', 'raw', '-O', 'raw', small, pre))
+        expect_eq(o['copy_offload'], 'none', 'preallocation=falloc')
+        expect(os.stat(pre).st_blocks * 512 >= 32 * MiB, 'preallocated target lost its blocks to a clone')
+        with open(small, 'rb') as a, open(pre, 'rb') as b:
+            expect(a.read() == b.read(), 'preallocated target bytes differ')
+        os.unlink(pre)
+        os.unlink(small)
         os.unlink(big)
         os.unlink(full)
         # unaligned source length: cloned, then the target grows to whole sectors
