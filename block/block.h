@@ -402,6 +402,9 @@ struct VdkFormat {
     /* Persistent bitmap action (vdk_image_bitmap).  Blocking; no I/O in
      * flight.  NULL: the format has no bitmaps. */
     bool (*bitmap)(VdkNode *n, const VdkBitmapOp *op, GError **error);
+    /* The stored bitmaps (vdk_image_list_bitmaps): a count, or -ENOTSUP
+     * when this image cannot hold any.  NULL: the format has no bitmaps. */
+    int (*bitmap_list)(VdkNode *n, VdkBitmapInfo **out);
     /* Called on every writable node before the final flush of a close
      * (store what the format keeps in memory); may do control-path I/O.
      * NULL: nothing to do. */

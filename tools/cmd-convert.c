@@ -24,7 +24,7 @@ static const char convert_help[] =
     "usage: vdk convert [-f FMT] [-b PARENT] [-O OUTPUT_FMT] [-o OPTIONS] [-p] [--progress=bar|json] [-n]\n"
     "                   [--target-is-zero] [-S SPARSE_SIZE] [-m REQUESTS] [-W | --in-order]\n"
     "                   [-t CACHE] [-T SRC_CACHE] [--aio=ENGINE] [-r RATE] [-C | --no-copy-offload]\n"
-    "                   [--stats] [-q] [-U]\n"
+    "                   [--stats] [--bitmaps [--skip-broken-bitmaps]] [-q] [-U]\n"
     "                   FILENAME [FILENAME2 ...] OUTPUT_FILENAME\n"
     "\n"
     "Copy the guest-visible content of one or more images (concatenated) into a new\n"
@@ -52,6 +52,10 @@ static const char convert_help[] =
     "                  reflink (FICLONE) of the whole file is still used where the\n"
     "                  filesystem supports it\n"
     "  --no-copy-offload  never offload: always copy through vdk's own pipeline\n"
+    "  --bitmaps       copy the source's persistent dirty bitmaps (qcow2 v3 to qcow2\n"
+    "                  v3): name, granularity, bits, enabled or disabled\n"
+    "  --skip-broken-bitmaps  with --bitmaps: skip inconsistent (in-use) bitmaps\n"
+    "                  with a warning instead of failing\n"
     "  --stats         print one JSON object at the end: bytes, seconds, peak RSS,\n"
     "                  which copy offload was used\n";
 
@@ -112,7 +116,9 @@ cmd_convert(int argc, char **argv)
         OPT_CHUNK,
         OPT_UNSUPPORTED,
         OPT_NO_OFFLOAD,
-        OPT_STATS
+        OPT_STATS,
+        OPT_BITMAPS,
+        OPT_SKIP_BROKEN
     };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
@@ -129,7 +135,8 @@ cmd_convert(int argc, char **argv)
         {"target-image-opts", no_argument, NULL, 'J'},
         {"object", required_argument, NULL, 'j'},
         {"salvage", no_argument, NULL, OPT_UNSUPPORTED},
-        {"bitmaps", no_argument, NULL, OPT_UNSUPPORTED},
+        {"bitmaps", no_argument, NULL, OPT_BITMAPS},
+        {"skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN},
         {NULL, 0, NULL, 0},
     };
     const char *src_fmt = NULL;
@@ -155,6 +162,7 @@ cmd_convert(int argc, char **argv)
     bool in_order = false;
     bool sparse_given = false;
     bool stats = false;
+    bool bitmaps = false, skip_broken = false;
     VdkCopyOffload offload = VDK_COPY_OFFLOAD_AUTO;
     bool src_image_opts = false, dst_image_opts = false;
     GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
@@ -278,8 +286,14 @@ cmd_convert(int argc, char **argv)
                 goto out_args;
             }
             break;
+        case OPT_BITMAPS:
+            bitmaps = true;
+            break;
+        case OPT_SKIP_BROKEN:
+            skip_broken = true;
+            break;
         case OPT_UNSUPPORTED:
-            tool_error(NULL, "--salvage and --bitmaps are not supported yet");
+            tool_error(NULL, "--salvage is not supported yet");
             goto out_args;
         default:
             tool_usage(stderr, convert_help);
@@ -291,6 +305,14 @@ cmd_convert(int argc, char **argv)
     }
     if (argc - optind < 2) {
         tool_error(NULL, "Must specify image file name");
+        goto out_args;
+    }
+    if (skip_broken && !bitmaps) {
+        tool_error(NULL, "Use of --skip-broken-bitmaps requires --bitmaps");
+        goto out_args;
+    }
+    if (bitmaps && argc - optind - 1 > 1) {
+        tool_error(NULL, "Copying bitmaps only possible with single source");
         goto out_args;
     }
     if (target_zero_flag && !no_create) {
@@ -324,6 +346,8 @@ cmd_convert(int argc, char **argv)
     bool created = false;
     GError *err = NULL;
     uint64_t total = 0;
+    VdkBitmapInfo *bms = NULL;
+    int nbm = 0;
 
     ToolOpen so = {.format = src_fmt,
                    .read_only = true,
@@ -370,6 +394,26 @@ cmd_convert(int argc, char **argv)
             goto out;
         }
         total += vdk_image_get_size(src[i]);
+    }
+    /* --bitmaps: what the source has, checked before anything is created */
+    if (bitmaps) {
+        nbm = vdk_image_list_bitmaps(src[0], &bms);
+        if (nbm < 0) {
+            tool_error(NULL, "Source lacks bitmap support");
+            goto out;
+        }
+        /* qemu-img looks at them last to first */
+        for (int i = nbm - 1; i >= 0; i--) {
+            if (!bms[i].in_use && bms[i].usable) {
+                continue;
+            }
+            if (!skip_broken) {
+                tool_error(NULL, "Cannot copy inconsistent bitmap '%s'", bms[i].name);
+                fprintf(stderr, "Try --skip-broken-bitmaps, or use 'vdk bitmap --remove' to delete it\n");
+                goto out;
+            }
+            fprintf(stderr, "vdk: warning: Skipping inconsistent bitmap '%s'\n", bms[i].name);
+        }
     }
 
     if (dst_image_opts && !no_create) {
@@ -442,6 +486,29 @@ cmd_convert(int argc, char **argv)
     if (!dst) {
         goto out;
     }
+    if (bitmaps) {
+        VdkBitmapInfo *have = NULL;
+        int nhave = vdk_image_list_bitmaps(dst, &have);
+        if (nhave < 0) {
+            tool_error(NULL, "Format driver '%s' does not support bitmaps", dst->top->drv->name);
+            goto out;
+        }
+        /* -n into an image that has one of the names: refused up front */
+        bool clash = false;
+        for (int i = nbm - 1; i >= 0 && !clash; i--) {
+            for (int k = 0; k < nhave && !clash; k++) {
+                if (!strcmp(bms[i].name, have[k].name) && !bms[i].in_use && bms[i].usable) {
+                    tool_error(NULL, "Failed to create bitmap %s: Bitmap already exists: %s", bms[i].name,
+                               bms[i].name);
+                    clash = true;
+                }
+            }
+        }
+        vdk_bitmap_list_free(have, nhave);
+        if (clash) {
+            goto out;
+        }
+    }
     uint64_t compress_unit = 0;
     if (compress) {
         VdkInfo ci;
@@ -492,6 +559,29 @@ cmd_convert(int argc, char **argv)
         goto out_sig;
     }
     progress_finish(&prog);
+    /* the source's bitmaps, with their granularity, bits and state (the
+     * copy above was done before they existed, so it set no bits) */
+    for (int i = 0; i < nbm; i++) {
+        if (bms[i].in_use || !bms[i].usable) {
+            continue;
+        }
+        VdkBitmapOp op = {.action = VDK_BITMAP_ADD, .name = bms[i].name, .granularity = bms[i].granularity};
+        bool ok = vdk_image_bitmap(dst, &op, &err);
+        if (ok) {
+            op = (VdkBitmapOp){.action = VDK_BITMAP_MERGE, .name = bms[i].name, .source = src[0],
+                               .source_name = bms[i].name};
+            ok = vdk_image_bitmap(dst, &op, &err);
+        }
+        if (ok && !bms[i].enabled) {
+            op = (VdkBitmapOp){.action = VDK_BITMAP_DISABLE, .name = bms[i].name};
+            ok = vdk_image_bitmap(dst, &op, &err);
+        }
+        if (!ok) {
+            tool_error(dst_name, "Failed to copy bitmap %s: %s", bms[i].name, err->message);
+            g_clear_error(&err);
+            goto out_sig;
+        }
+    }
     if (!vdk_image_close(dst, &err)) {
         dst = NULL;
         tool_gerror(dst_name, err);
@@ -513,6 +603,7 @@ out:
     if (sn_opts) {
         g_ptr_array_unref(sn_opts);
     }
+    vdk_bitmap_list_free(bms, nbm);
     if (dst) {
         vdk_image_close(dst, NULL);
     }

@@ -1115,5 +1115,6 @@ const VdkFormat vdk_format_qcow2 = {
     .amend = qcow2_amend,
     .compact = qcow2_compact,
     .bitmap = qcow2_bitmap_op,
+    .bitmap_list = qcow2_bitmap_list,
     .before_close = qcow2_bitmaps_store,
 };

@@ -421,6 +421,7 @@ void qcow2_bitmaps_free(Qcow2 *s);
 uint64_t qcow2_bitmaps_measure(VdkImage *src, uint64_t cs);
 void qcow2_bitmaps_info(Qcow2 *s, GString *json, GPtrArray *lines);
 bool qcow2_bitmap_op(VdkNode *n, const VdkBitmapOp *op, GError **error);
+int qcow2_bitmap_list(VdkNode *n, VdkBitmapInfo **out);
 /* Every tracked bitmap covers [off, off+len) as dirty. */
 void qcow2_bitmaps_mark_slow(Qcow2 *s, uint64_t off, uint64_t len);
 static inline void
