@@ -331,10 +331,6 @@ cmd_convert(int argc, char **argv)
         tool_error(NULL, "Compression not supported for this file format");
         goto out_args;
     }
-    if (compress && argc - optind - 1 > 1) {
-        tool_error(NULL, "-c with several source images is not supported yet");
-        goto out_args;
-    }
     if (chunk && sparse > chunk) {
         chunk = vdk_align_up(sparse, 4096);
     }

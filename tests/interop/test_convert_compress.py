@@ -69,9 +69,50 @@ def t_packing(t, opts):
     expect_rc(res, 0, 'vdk check')
 
 
+def t_several_sources(t):
+    """-c with several sources whose sizes are not whole clusters: the
+    clusters across two sources are gathered from both; the content equals
+    the sources concatenated and qemu-img's result, check clean."""
+    rng = random.Random(11)
+    names = []
+    for i, size in enumerate((3 * 65536 + 512, 1024, 0, 200 * 1024 + 1536, 5 * 65536)):
+        name = 's%d.raw' % i
+        with open(t.path(name), 'wb') as f:
+            f.truncate(size)
+            for off in range(0, size, 4096):
+                if rng.random() < 0.6:
+                    f.seek(off)
+                    n = min(4096, size - off)
+                    f.write(bytes(rng.choice(b'abcdefgh') for _ in range(n // 2)) + os.urandom(n - n // 2))
+        names.append(name)
+    with open(t.path('cat.raw'), 'wb') as out:
+        for name in names:
+            with open(t.path(name), 'rb') as f:
+                out.write(f.read())
+    for opts in ([], ['-o', 'compression_type=zstd'], ['-o', 'cluster_size=4096']):
+        for f in ('v.qcow2', 'q.qcow2'):
+            if os.path.exists(t.path(f)):
+                os.unlink(t.path(f))
+        res = t.vdk('convert', '-c', '-f', 'raw', '-O', 'qcow2', *opts, *names, 'v.qcow2')
+        expect_rc(res, 0, 'vdk convert -c with several sources %s' % opts)
+        expect_rc(t.qemu_img('convert', '-c', '-f', 'raw', '-O', 'qcow2', *opts, *names, 'q.qcow2'), 0)
+        res = t.qemu_img('check', 'v.qcow2')
+        expect(res.rc == 0 and 'No errors' in res.out, 'qemu-img check %s' % opts, res)
+        # qemu-img rounds the target size up to whole sectors; compare the bytes
+        expect_rc(t.qemu_img('convert', '-O', 'raw', 'v.qcow2', 'v.raw'), 0)
+        with open(t.path('cat.raw'), 'rb') as a, open(t.path('v.raw'), 'rb') as b:
+            want, got = a.read(), b.read()
+        expect(got[:len(want)] == want and not got[len(want):].strip(b'\0'), 'content %s' % opts)
+        res = t.qemu_img('compare', 'v.qcow2', 'q.qcow2')
+        expect(res.rc == 0, 'the same content as qemu-img -c %s' % opts, res)
+        m = re.search(r'([0-9.]+)% compressed clusters', t.qemu_img('check', 'v.qcow2').out)
+        expect(m and float(m.group(1)) > 50, 'clusters are compressed %s' % opts)
+
+
 for opts in ('', 'compression_type=zstd', 'cluster_size=4096', 'cluster_size=16384,compression_type=zstd',
              'refcount_bits=1', 'compat=0.10'):
     suite.add('compress-packing/%s' % (opts or 'default'), t_packing, opts)
+suite.add('compress-several-sources', t_several_sources)
 
 if __name__ == '__main__':
     main(suite)
