@@ -9,7 +9,7 @@ PACKAGES = build-essential meson ninja-build pkg-config python3 \
 	libglib2.0-dev liburing-dev libaio-dev zlib1g-dev libzstd-dev libdeflate-dev libssl-dev \
 	qemu-utils fio e2fsprogs util-linux strace \
 	python3-vmdkstream python3-libvmdk libvmdk-utils clang libclang-rt-14-dev \
-	libfuse3-dev fuse3 libnbd-bin
+	libfuse3-dev fuse3 xfsprogs libnbd-bin
 
 SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

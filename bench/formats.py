@@ -15,18 +15,19 @@ usage: bench/formats.py [--vdk build/tools/vdk] [--runs 5] [--secs 4]
 Prints a Markdown table.  Needs qemu-img and fio.
 """
 import argparse
-import json
 import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import MiB, quiesce, run  # noqa: E402
 
 p = argparse.ArgumentParser()
-p.add_argument("--vdk", default=os.path.join(os.path.dirname(__file__), "..", "build", "tools", "vdk"))
+p.add_argument("--vdk", default=benchlib.default_vdk())
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--secs", type=float, default=4)
 p.add_argument("--formats", default="vdi,vmdk")
@@ -34,52 +35,10 @@ p.add_argument("--size-mib", type=int, default=1024)
 p.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"))
 args = p.parse_args()
 VDK = os.path.abspath(args.vdk)
-MiB = 1 << 20
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw).stdout
-
-
-def make_source(path, size):
-    """A disk-like image, 1 MiB at a time: 30% of the blocks full (random
-    or text-like data), 30% with a few small extents (4-64 KiB, like
-    scattered files and metadata), the rest holes or zero-filled."""
-    rng = random.Random(1)
-    words = b"the quick brown fox jumps over the lazy dog 0123456789 lorem ipsum\n"
-    text = (words * (MiB // len(words) + 1))[:MiB]
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, MiB):
-            k = rng.random()
-            if k < 0.3:
-                f.seek(off)
-                f.write(os.urandom(MiB) if rng.random() < 0.5 else text)
-            elif k < 0.6:
-                for _ in range(rng.randint(1, 4)):
-                    n = rng.randrange(4096, 65536, 4096)
-                    f.seek(off + rng.randrange(0, MiB - n, 4096))
-                    f.write(os.urandom(n))
-            elif k < 0.7:
-                f.seek(off)
-                f.write(bytes(MiB))
-
-
-def quiesce():
-    """No writeback of earlier runs in the way: sync, and drop the page
-    cache when allowed (root), so each run starts from the same state."""
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def timed(cmd):
-    t0 = time.monotonic()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.monotonic() - t0
+    return benchlib.timed(cmd)[0]
 
 
 def convert_pair(d, src, fmt, opts):
@@ -102,15 +61,11 @@ def convert_pair(d, src, fmt, opts):
 
 
 def fio_randread(path):
-    out = run(["fio", "--name=r", "--filename=" + path, "--rw=randread", "--bs=4k", "--iodepth=32",
-               "--ioengine=io_uring", "--direct=1", "--time_based", "--runtime=%g" % args.secs, "--output-format=json"])
-    return json.loads(out)["jobs"][0]["read"]["iops"]
+    return benchlib.fio(["--filename=" + path], "randread", secs=args.secs)["iops"]
 
 
 def vdk_randread(path, fmt):
-    out = run([VDK, "bench", "-f", fmt, "--aio=io_uring", "-t", "none", "-d", "32", "-s", "4k", "--pattern=rand",
-               "--time=%g" % args.secs, "--json", path])
-    return json.loads(out[out.index("{"):])["iops"]
+    return benchlib.vdk_bench(VDK, path, fmt, secs=args.secs)["iops"]
 
 
 def main():
@@ -119,11 +74,9 @@ def main():
     try:
         size = args.size_mib * MiB
         src = os.path.join(d, "src.raw")
-        make_source(src, size)
+        benchlib.make_scattered_source(src, size)
         full = os.path.join(d, "full.raw")
-        with open(full, "wb") as f:
-            for _ in range(size // MiB):
-                f.write(os.urandom(MiB))
+        benchlib.make_full_source(full, size)
         for fmt in args.formats.split(","):
             opts = {"vdi": [], "vmdk": []}.get(fmt, [])
             v, q = convert_pair(d, src, fmt, opts)

@@ -20,7 +20,6 @@ usage: bench/qcow2.py [--vdk build/tools/vdk] [--runs 5] [--secs 4] [--dir DIR]
 Prints a Markdown table.  Needs fio, qemu-img, qemu-nbd.
 """
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,8 +28,12 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
+from benchlib import run  # noqa: E402
+
 p = argparse.ArgumentParser()
-p.add_argument("--vdk", default=os.path.join(os.path.dirname(__file__), "..", "build", "tools", "vdk"))
+p.add_argument("--vdk", default=benchlib.default_vdk())
 p.add_argument("--runs", type=int, default=5)
 p.add_argument("--secs", type=float, default=4)
 p.add_argument("--dir", default=os.environ.get("TMPDIR", "/var/tmp"))
@@ -39,44 +42,20 @@ args = p.parse_args()
 VDK = os.path.abspath(args.vdk)
 
 
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw).stdout
-
-
-def json_from(out):
-    return json.loads(out[out.index("{"):])
-
-
 def vdk_bench(img, fmt, rw, pattern, count=None, extra=()):
-    cmd = [VDK, "bench", "-f", fmt, "--aio=io_uring", "-t", "none", "-d", "32", "-s", "4k",
-           "--pattern=" + pattern, "--json"]
-    cmd += ["--rw=" + rw]
-    cmd += ["-c", str(count)] if count else ["--time=%g" % args.secs]
-    cmd += list(extra) + [img]
-    return json_from(run(cmd))["iops"]
+    return benchlib.vdk_bench(VDK, img, fmt, rw=rw, pattern=pattern, secs=args.secs, count=count, extra=extra)["iops"]
 
 
 def vdk_bench_spec(spec):
-    cmd = [VDK, "bench", "--image-opts", "--aio=io_uring", "-t", "none", "-d", "32", "-s", "4k", "--pattern=rand",
-           "--rw=read", "--json", "--time=%g" % args.secs, spec]
-    return json_from(run(cmd))["iops"]
+    return benchlib.vdk_bench(VDK, spec, None, secs=args.secs, image_opts=True)["iops"]
 
 
 def fio(target, rw, engine="io_uring", count=None, extra=()):
-    cmd = ["fio", "--name=b", "--rw=" + rw, "--bs=4k", "--iodepth=32", "--ioengine=" + engine,
-           "--output-format=json"]
-    cmd += ["--number_ios=%d" % count] if count else ["--runtime=%g" % args.secs, "--time_based"]
-    cmd += list(extra) + target
-    j = json_from(run(cmd))["jobs"][0]
-    return j["read"]["iops"] if "read" in rw else j["write"]["iops"]
+    return benchlib.fio(list(extra) + target, rw, secs=args.secs, count=count, engine=engine, direct=False)["iops"]
 
 
 def median_pair(fa, fb):
-    a, b = [], []
-    for _ in range(args.runs):
-        a.append(fa())
-        b.append(fb())
-    return statistics.median(a), statistics.median(b)
+    return benchlib.median_pair(fa, fb, args.runs)
 
 
 rows = []

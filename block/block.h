@@ -402,6 +402,9 @@ struct VdkFormat {
     /* Persistent bitmap action (vdk_image_bitmap).  Blocking; no I/O in
      * flight.  NULL: the format has no bitmaps. */
     bool (*bitmap)(VdkNode *n, const VdkBitmapOp *op, GError **error);
+    /* The stored bitmaps (vdk_image_list_bitmaps): a count, or -ENOTSUP
+     * when this image cannot hold any.  NULL: the format has no bitmaps. */
+    int (*bitmap_list)(VdkNode *n, VdkBitmapInfo **out);
     /* Called on every writable node before the final flush of a close
      * (store what the format keeps in memory); may do control-path I/O.
      * NULL: nothing to do. */
@@ -691,6 +694,12 @@ bool vdk_buffer_is_zero(const void *buf, size_t len);
 /* Copy pipeline (convert)                                                   */
 /* ------------------------------------------------------------------------ */
 
+typedef enum {
+    VDK_COPY_OFFLOAD_AUTO = 0, /* reflink where the filesystem can (raw -> raw) */
+    VDK_COPY_OFFLOAD_ON,       /* also copy_file_range per extent (-C) */
+    VDK_COPY_OFFLOAD_OFF,      /* always the normal pipeline */
+} VdkCopyOffload;
+
 typedef struct VdkCopyParams {
     VdkImage **src;       /* concatenated in order */
     int nsrc;
@@ -708,12 +717,19 @@ typedef struct VdkCopyParams {
      * (-ECANCELED). */
     bool (*progress)(void *opaque, uint64_t done, uint64_t total);
     void *opaque;
+    VdkCopyOffload offload;
+    /* out: "reflink", "copy_file_range" or "none" */
+    const char *offload_used;
 } VdkCopyParams;
 
 /* Copy the sources' guest content into @dst: block status drives the
  * copy (holes are never read), zero runs are skipped or written as
  * write_zeroes, data moves with many requests in flight.  Blocking. */
-bool vdk_copy(const VdkCopyParams *p, GError **error);
+bool vdk_copy(VdkCopyParams *p, GError **error);
+/* copy-offload.c: raw -> raw through the kernel (see there when it
+ * applies).  1 done (and flushed as asked), 0 not applicable or refused
+ * by the kernel (use the normal path), -1 error (set). */
+int vdk_copy_offload(const VdkCopyParams *p, const char **used, GError **error);
 
 /* Probe a buffer holding the first bytes of an image: the best driver. */
 const VdkFormat *vdk_probe_format(const uint8_t *buf, size_t len, const char *filename);

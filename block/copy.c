@@ -47,6 +47,8 @@ typedef struct {
     uint64_t src_off;
     bool zero_only;  /* no read: a write_zeroes of the whole range */
     void *buf;
+    unsigned reads_left; /* reads in flight (several: a unit gathered from several sources) */
+    bool read_failed;
     unsigned writes_left;
 } Slot;
 
@@ -115,6 +117,54 @@ copy_planning_done(Copy *c)
     return c->cur_src >= c->p->nsrc;
 }
 
+/* One compression unit of the target whose bytes come from the end of
+ * one source and the start of the next one(s): read from each into one
+ * buffer (cur_dst is unit-aligned here). */
+static bool
+copy_start_gather(Copy *c, unsigned idx)
+{
+    const VdkCopyParams *p = c->p;
+    Slot *s = &c->slots[idx];
+    uint64_t len = MIN(p->compress_unit, c->total - c->cur_dst);
+    s->seq = c->next_seq++;
+    s->dst_off = c->cur_dst;
+    s->src = c->cur_src;
+    s->src_off = c->cur_off;
+    s->len = len;
+    s->writes_left = 0;
+    s->zero_only = false;
+    s->reads_left = 0;
+    s->read_failed = false;
+    s->state = SLOT_READING;
+    uint64_t pos = 0;
+    while (pos < len && !copy_planning_done(c)) {
+        uint64_t ssize = vdk_image_get_size(p->src[c->cur_src]);
+        uint64_t piece = MIN(ssize - c->cur_off, len - pos);
+        if (piece) {
+            int r = vdk_queue_read(c->sq[c->cur_src], c->cur_off, (char *)s->buf + pos, (size_t)piece,
+                                   ud(idx, UD_READ));
+            if (r < 0) {
+                copy_fail(c, r, s->dst_off + pos, "read");
+                if (s->reads_left == 0) {
+                    s->state = SLOT_FREE;
+                }
+                return false;
+            }
+            s->reads_left++;
+        }
+        pos += piece;
+        c->cur_off += piece;
+        c->cur_dst += piece;
+        if (c->cur_off >= ssize) {
+            c->cur_src++;
+            c->cur_off = 0;
+        }
+    }
+    c->bs_valid = false;
+    c->issued_bytes += len;
+    return true;
+}
+
 /* Fill the next free slot from the planning cursor.  Returns false when
  * nothing more can be started now (no free slot, end, error, rate limit). */
 static bool
@@ -144,17 +194,28 @@ copy_start_one(Copy *c, unsigned idx)
         uint64_t avail = c->bs.offset + c->bs.length - c->cur_off;
         bool is_zero = (c->bs.flags & VDK_BS_ZERO) && !(c->bs.flags & VDK_BS_DATA);
         uint64_t unit = p->compress_unit;
-        if (unit && p->nsrc == 1) {
-            /* compressing: whole units from unit boundaries (cur_off stays
-             * aligned); a unit with any data is read whole (its holes read
-             * as zeroes) */
-            uint64_t bs_end = c->bs.offset + c->bs.length;
-            if (is_zero && vdk_align_down(bs_end, unit) > c->cur_off) {
-                avail = vdk_align_down(bs_end, unit) - c->cur_off;
+        if (unit) {
+            /* compressing: whole units of the target from unit boundaries
+             * (cur_dst stays aligned; a source may start anywhere in a
+             * unit when several are concatenated); a unit with any data is
+             * read whole (its holes read as zeroes) */
+            uint64_t base = c->cur_dst - c->cur_off; /* the source's start in the target */
+            uint64_t d_bs_end = base + c->bs.offset + c->bs.length;
+            uint64_t d_send = base + ssize;
+            if (is_zero && vdk_align_down(d_bs_end, unit) > c->cur_dst) {
+                avail = vdk_align_down(d_bs_end, unit) - c->cur_dst;
             } else {
-                avail = MIN(vdk_align_up(bs_end, unit), vdk_align_up(ssize, unit)) - c->cur_off;
-                avail = MIN(avail, ssize - c->cur_off);
+                uint64_t d_end = MIN(vdk_align_up(d_bs_end, unit), vdk_align_up(d_send, unit));
                 is_zero = false;
+                if (d_end > d_send && c->cur_src + 1 < p->nsrc) {
+                    if (vdk_align_down(d_send, unit) > c->cur_dst) {
+                        avail = vdk_align_down(d_send, unit) - c->cur_dst; /* the whole units first */
+                    } else {
+                        return copy_start_gather(c, idx); /* a unit across sources */
+                    }
+                } else {
+                    avail = MIN(d_end, d_send) - c->cur_dst;
+                }
             }
         }
         /* sparse_size 0 asks for a fully allocated target: zero ranges are
@@ -182,6 +243,8 @@ copy_start_one(Copy *c, unsigned idx)
                 copy_fail(c, r, s->dst_off, "read");
                 return false;
             }
+            s->reads_left = 1;
+            s->read_failed = false;
             s->state = SLOT_READING;
             c->issued_bytes += s->len;
         }
@@ -328,10 +391,12 @@ copy_handle(Copy *c, const VdkCompletion *cp, bool from_src)
     if (from_src) {
         if (cp->result < 0) {
             copy_fail(c, (int)cp->result, s->dst_off, "read");
-            s->state = SLOT_FREE;
-            return;
+            s->read_failed = true;
         }
-        s->state = SLOT_READ_DONE;
+        g_assert(s->reads_left > 0);
+        if (--s->reads_left == 0) {
+            s->state = s->read_failed ? SLOT_FREE : SLOT_READ_DONE;
+        }
         return;
     }
     if (cp->result < 0) {
@@ -345,7 +410,7 @@ copy_handle(Copy *c, const VdkCompletion *cp, bool from_src)
 }
 
 bool
-vdk_copy(const VdkCopyParams *p, GError **error)
+vdk_copy(VdkCopyParams *p, GError **error)
 {
     Copy c;
     memset(&c, 0, sizeof(c));
@@ -358,6 +423,10 @@ vdk_copy(const VdkCopyParams *p, GError **error)
                     "the target (%" PRIu64 " bytes) is smaller than the source (%" PRIu64 " bytes)",
                     vdk_image_get_size(p->dst), c.total);
         return false;
+    }
+    int off = vdk_copy_offload(p, &p->offload_used, error);
+    if (off != 0) {
+        return off > 0;
     }
     uint64_t chunk = p->chunk ? p->chunk : COPY_DEFAULT_CHUNK;
     c.nslots = p->max_inflight ? p->max_inflight : COPY_DEFAULT_INFLIGHT;

@@ -804,6 +804,26 @@ vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error)
     return n->drv->bitmap(n, op, error);
 }
 
+int
+vdk_image_list_bitmaps(VdkImage *img, VdkBitmapInfo **out)
+{
+    VdkNode *n = img->top;
+    *out = NULL;
+    if (!n->drv->bitmap_list) {
+        return -ENOTSUP;
+    }
+    return n->drv->bitmap_list(n, out);
+}
+
+void
+vdk_bitmap_list_free(VdkBitmapInfo *list, int n)
+{
+    for (int i = 0; list && i < n; i++) {
+        g_free(list[i].name);
+    }
+    g_free(list);
+}
+
 bool
 vdk_image_compact(VdkImage *img, uint64_t *before, uint64_t *after, GError **error)
 {

@@ -12,7 +12,9 @@
 #include <getopt.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "formats/vmdk.h"
@@ -21,7 +23,8 @@
 static const char convert_help[] =
     "usage: vdk convert [-f FMT] [-b PARENT] [-O OUTPUT_FMT] [-o OPTIONS] [-p] [--progress=bar|json] [-n]\n"
     "                   [--target-is-zero] [-S SPARSE_SIZE] [-m REQUESTS] [-W | --in-order]\n"
-    "                   [-t CACHE] [-T SRC_CACHE] [--aio=ENGINE] [-r RATE] [-q] [-U]\n"
+    "                   [-t CACHE] [-T SRC_CACHE] [--aio=ENGINE] [-r RATE] [-C | --no-copy-offload]\n"
+    "                   [--stats] [--bitmaps [--skip-broken-bitmaps]] [-q] [-U]\n"
     "                   FILENAME [FILENAME2 ...] OUTPUT_FILENAME\n"
     "\n"
     "Copy the guest-visible content of one or more images (concatenated) into a new\n"
@@ -42,7 +45,19 @@ static const char convert_help[] =
     "  -T CACHE        source cache mode (default writeback)\n"
     "  --aio=ENGINE    io_uring, native, threads or auto\n"
     "  -r RATE         limit to RATE bytes per second (suffixes allowed)\n"
-    "  -p              progress bar; --progress=json for one JSON object per line\n";
+    "  -p              progress bar; --progress=json for one JSON object per line\n"
+    "  -C              raw to raw: copy offload with copy_file_range per allocated\n"
+    "                  extent (zero runs inside allocated extents are copied as\n"
+    "                  they are, so not with -S, like qemu-img -C).  Without -C a\n"
+    "                  reflink (FICLONE) of the whole file is still used where the\n"
+    "                  filesystem supports it\n"
+    "  --no-copy-offload  never offload: always copy through vdk's own pipeline\n"
+    "  --bitmaps       copy the source's persistent dirty bitmaps (qcow2 v3 to qcow2\n"
+    "                  v3): name, granularity, bits, enabled or disabled\n"
+    "  --skip-broken-bitmaps  with --bitmaps: skip inconsistent (in-use) bitmaps\n"
+    "                  with a warning instead of failing\n"
+    "  --stats         print one JSON object at the end: bytes, seconds, peak RSS,\n"
+    "                  which copy offload was used\n";
 
 static volatile sig_atomic_t interrupted;
 
@@ -62,10 +77,49 @@ convert_progress(void *opaque, uint64_t done, uint64_t total)
     return !interrupted;
 }
 
+/* The one line --stats prints: what a benchmark or a script needs to see
+ * the cost of a conversion (peak RSS is the process's high-water mark). */
+static void
+convert_print_stats(uint64_t total, const struct timespec *t0, const char *offload)
+{
+    struct timespec t1;
+    struct rusage ru;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    memset(&ru, 0, sizeof(ru));
+    getrusage(RUSAGE_SELF, &ru);
+    double secs = (double)(t1.tv_sec - t0->tv_sec) + (double)(t1.tv_nsec - t0->tv_nsec) / 1e9;
+    Json j;
+    json_init(&j, false);
+    json_begin_object(&j, NULL);
+    json_str(&j, "type", "stats");
+    json_uint(&j, "bytes", total);
+    json_double(&j, "seconds", secs);
+    json_uint(&j, "max_rss_bytes", (uint64_t)ru.ru_maxrss * 1024);
+    json_double(&j, "user_seconds", (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6);
+    json_double(&j, "system_seconds", (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6);
+    json_str(&j, "copy_offload", offload ? offload : "none");
+    json_end_object(&j);
+    char *s = json_finish(&j);
+    printf("%s\n", s);
+    fflush(stdout);
+    g_free(s);
+}
+
 int
 cmd_convert(int argc, char **argv)
 {
-    enum { OPT_TARGET_ZERO = 256, OPT_PROGRESS, OPT_IN_ORDER, OPT_AIO, OPT_CHUNK, OPT_UNSUPPORTED };
+    enum {
+        OPT_TARGET_ZERO = 256,
+        OPT_PROGRESS,
+        OPT_IN_ORDER,
+        OPT_AIO,
+        OPT_CHUNK,
+        OPT_UNSUPPORTED,
+        OPT_NO_OFFLOAD,
+        OPT_STATS,
+        OPT_BITMAPS,
+        OPT_SKIP_BROKEN
+    };
     static const struct option longopts[] = {
         {"help", no_argument, NULL, 'h'},
         {"parent", required_argument, NULL, 'b'},
@@ -74,12 +128,15 @@ cmd_convert(int argc, char **argv)
         {"in-order", no_argument, NULL, OPT_IN_ORDER},
         {"aio", required_argument, NULL, OPT_AIO},
         {"chunk-size", required_argument, NULL, OPT_CHUNK},
+        {"no-copy-offload", no_argument, NULL, OPT_NO_OFFLOAD},
+        {"stats", no_argument, NULL, OPT_STATS},
         {"force-share", no_argument, NULL, 'U'},
         {"image-opts", no_argument, NULL, 'I'},
         {"target-image-opts", no_argument, NULL, 'J'},
         {"object", required_argument, NULL, 'j'},
         {"salvage", no_argument, NULL, OPT_UNSUPPORTED},
-        {"bitmaps", no_argument, NULL, OPT_UNSUPPORTED},
+        {"bitmaps", no_argument, NULL, OPT_BITMAPS},
+        {"skip-broken-bitmaps", no_argument, NULL, OPT_SKIP_BROKEN},
         {NULL, 0, NULL, 0},
     };
     const char *src_fmt = NULL;
@@ -103,6 +160,10 @@ cmd_convert(int argc, char **argv)
     uint64_t rate = 0;
     uint64_t chunk = 0;
     bool in_order = false;
+    bool sparse_given = false;
+    bool stats = false;
+    bool bitmaps = false, skip_broken = false;
+    VdkCopyOffload offload = VDK_COPY_OFFLOAD_AUTO;
     bool src_image_opts = false, dst_image_opts = false;
     GPtrArray *kv = g_ptr_array_new_with_free_func(g_free);
     int ret = 1;
@@ -149,6 +210,7 @@ cmd_convert(int argc, char **argv)
                                  "of 512 up to 16M.");
                 goto out_args;
             }
+            sparse_given = true;
             break;
         case 'm':
             if (!tool_parse_uint(optarg, 1024, &inflight) || inflight < 1) {
@@ -205,8 +267,14 @@ cmd_convert(int argc, char **argv)
             snapshot_param = optarg;
             break;
         case 'C':
-            tool_error(NULL, "-C (copy offloading) is not supported yet");
-            goto out_args;
+            offload = VDK_COPY_OFFLOAD_ON;
+            break;
+        case OPT_NO_OFFLOAD:
+            offload = VDK_COPY_OFFLOAD_OFF;
+            break;
+        case OPT_STATS:
+            stats = true;
+            break;
         case 'I':
             src_image_opts = true;
             break;
@@ -218,8 +286,14 @@ cmd_convert(int argc, char **argv)
                 goto out_args;
             }
             break;
+        case OPT_BITMAPS:
+            bitmaps = true;
+            break;
+        case OPT_SKIP_BROKEN:
+            skip_broken = true;
+            break;
         case OPT_UNSUPPORTED:
-            tool_error(NULL, "--salvage and --bitmaps are not supported yet");
+            tool_error(NULL, "--salvage is not supported yet");
             goto out_args;
         default:
             tool_usage(stderr, convert_help);
@@ -233,16 +307,28 @@ cmd_convert(int argc, char **argv)
         tool_error(NULL, "Must specify image file name");
         goto out_args;
     }
+    if (skip_broken && !bitmaps) {
+        tool_error(NULL, "Use of --skip-broken-bitmaps requires --bitmaps");
+        goto out_args;
+    }
+    if (bitmaps && argc - optind - 1 > 1) {
+        tool_error(NULL, "Copying bitmaps only possible with single source");
+        goto out_args;
+    }
     if (target_zero_flag && !no_create) {
         tool_error(NULL, "--target-is-zero requires use of -n flag");
         goto out_args;
     }
-    if (compress && strcmp(out_fmt ? out_fmt : "raw", "qcow2") != 0) {
-        tool_error(NULL, "Compression not supported for this file format");
+    if (offload == VDK_COPY_OFFLOAD_ON && sparse_given) {
+        tool_error(NULL, "Cannot enable copy offloading when -S is used");
         goto out_args;
     }
-    if (compress && argc - optind - 1 > 1) {
-        tool_error(NULL, "-c with several source images is not supported yet");
+    if (offload == VDK_COPY_OFFLOAD_ON && compress) {
+        tool_error(NULL, "Cannot enable copy offloading when -c is used");
+        goto out_args;
+    }
+    if (compress && strcmp(out_fmt ? out_fmt : "raw", "qcow2") != 0) {
+        tool_error(NULL, "Compression not supported for this file format");
         goto out_args;
     }
     if (chunk && sparse > chunk) {
@@ -256,6 +342,8 @@ cmd_convert(int argc, char **argv)
     bool created = false;
     GError *err = NULL;
     uint64_t total = 0;
+    VdkBitmapInfo *bms = NULL;
+    int nbm = 0;
 
     ToolOpen so = {.format = src_fmt,
                    .read_only = true,
@@ -302,6 +390,26 @@ cmd_convert(int argc, char **argv)
             goto out;
         }
         total += vdk_image_get_size(src[i]);
+    }
+    /* --bitmaps: what the source has, checked before anything is created */
+    if (bitmaps) {
+        nbm = vdk_image_list_bitmaps(src[0], &bms);
+        if (nbm < 0) {
+            tool_error(NULL, "Source lacks bitmap support");
+            goto out;
+        }
+        /* qemu-img looks at them last to first */
+        for (int i = nbm - 1; i >= 0; i--) {
+            if (!bms[i].in_use && bms[i].usable) {
+                continue;
+            }
+            if (!skip_broken) {
+                tool_error(NULL, "Cannot copy inconsistent bitmap '%s'", bms[i].name);
+                fprintf(stderr, "Try --skip-broken-bitmaps, or use 'vdk bitmap --remove' to delete it\n");
+                goto out;
+            }
+            fprintf(stderr, "vdk: warning: Skipping inconsistent bitmap '%s'\n", bms[i].name);
+        }
     }
 
     if (dst_image_opts && !no_create) {
@@ -374,6 +482,29 @@ cmd_convert(int argc, char **argv)
     if (!dst) {
         goto out;
     }
+    if (bitmaps) {
+        VdkBitmapInfo *have = NULL;
+        int nhave = vdk_image_list_bitmaps(dst, &have);
+        if (nhave < 0) {
+            tool_error(NULL, "Format driver '%s' does not support bitmaps", dst->top->drv->name);
+            goto out;
+        }
+        /* -n into an image that has one of the names: refused up front */
+        bool clash = false;
+        for (int i = nbm - 1; i >= 0 && !clash; i--) {
+            for (int k = 0; k < nhave && !clash; k++) {
+                if (!strcmp(bms[i].name, have[k].name) && !bms[i].in_use && bms[i].usable) {
+                    tool_error(NULL, "Failed to create bitmap %s: Bitmap already exists: %s", bms[i].name,
+                               bms[i].name);
+                    clash = true;
+                }
+            }
+        }
+        vdk_bitmap_list_free(have, nhave);
+        if (clash) {
+            goto out;
+        }
+    }
     uint64_t compress_unit = 0;
     if (compress) {
         VdkInfo ci;
@@ -415,12 +546,38 @@ cmd_convert(int argc, char **argv)
         .compress_unit = compress_unit,
         .progress = convert_progress,
         .opaque = &prog,
+        .offload = offload,
     };
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     if (!vdk_copy(&params, &err)) {
         tool_gerror(dst_name, err);
         goto out_sig;
     }
     progress_finish(&prog);
+    /* the source's bitmaps, with their granularity, bits and state (the
+     * copy above was done before they existed, so it set no bits) */
+    for (int i = 0; i < nbm; i++) {
+        if (bms[i].in_use || !bms[i].usable) {
+            continue;
+        }
+        VdkBitmapOp op = {.action = VDK_BITMAP_ADD, .name = bms[i].name, .granularity = bms[i].granularity};
+        bool ok = vdk_image_bitmap(dst, &op, &err);
+        if (ok) {
+            op = (VdkBitmapOp){.action = VDK_BITMAP_MERGE, .name = bms[i].name, .source = src[0],
+                               .source_name = bms[i].name};
+            ok = vdk_image_bitmap(dst, &op, &err);
+        }
+        if (ok && !bms[i].enabled) {
+            op = (VdkBitmapOp){.action = VDK_BITMAP_DISABLE, .name = bms[i].name};
+            ok = vdk_image_bitmap(dst, &op, &err);
+        }
+        if (!ok) {
+            tool_error(dst_name, "Failed to copy bitmap %s: %s", bms[i].name, err->message);
+            g_clear_error(&err);
+            goto out_sig;
+        }
+    }
     if (!vdk_image_close(dst, &err)) {
         dst = NULL;
         tool_gerror(dst_name, err);
@@ -429,6 +586,12 @@ cmd_convert(int argc, char **argv)
     dst = NULL;
     created = false;
     ret = 0;
+    if (stats) {
+        convert_print_stats(total, &t0, params.offload_used);
+    }
+    if (tool_verbose) {
+        fprintf(stderr, "vdk: copy offload: %s\n", params.offload_used ? params.offload_used : "none");
+    }
 out_sig:
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
@@ -436,6 +599,7 @@ out:
     if (sn_opts) {
         g_ptr_array_unref(sn_opts);
     }
+    vdk_bitmap_list_free(bms, nbm);
     if (dst) {
         vdk_image_close(dst, NULL);
     }

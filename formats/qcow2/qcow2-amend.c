@@ -40,9 +40,87 @@ parse_bool(const char *key, const char *v, int *out, GError **error)
     return true;
 }
 
-/* v2 has no zero flag: zero clusters become zeroed data clusters (or
- * unallocated ones where nothing shows through), written and synced
- * before the L2 tables change. */
+/* One L2 table's zero entries made v2-readable.  @rt is the table's own
+ * refcount (how many L1 tables, the active one and snapshots', share it):
+ * every cluster the table points to is referenced that many times through
+ * it.  A zero entry becomes
+ *   - unallocated, when it has no cluster and nothing shows through;
+ *   - its own cluster, zeroed in place, when only this table references
+ *     that cluster (its refcount is @rt);
+ *   - a new zeroed cluster with refcount @rt otherwise (the old cluster is
+ *     still data somewhere else, or the backing file would show through);
+ *     the old cluster loses this table's @rt references once the new
+ *     entries are on disk.
+ * The zeroes and the new refcounts reach the disk before the entries
+ * (the zero writes are synced; the flush writes refcount blocks before
+ * L2 tables), so a crash leaves either the old entries or the new ones,
+ * and at most leaked clusters. */
+static int
+expand_table(VdkNode *n, Qcow2 *s, uint64_t table, uint64_t rt, const void *zeroes, GArray *drops)
+{
+    uint64_t cs = s->cluster_size;
+    uint32_t slice = vdk_mc_slice_size(s->l2c);
+    uint64_t per_slice = slice / s->l2_entry_size;
+    int r = 0;
+    for (uint64_t so = 0; so < cs && r == 0; so += slice) {
+        VdkMetaEntry *sl = qcow2_ctl_slice(s, table + so, &r);
+        if (!sl) {
+            return r ? r : -EIO;
+        }
+        vdk_mc_pin(sl);
+        bool changed = false;
+        for (uint64_t k = 0; k < per_slice && r == 0; k++) {
+            uint64_t e = qcow2_l2_get(s, sl->data, k, NULL);
+            if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_ZERO)) {
+                continue;
+            }
+            uint64_t host = e & QCOW2_OFFSET_MASK;
+            uint64_t rh = 0;
+            if (host) {
+                r = qcow2_ctl_get_refcount(s, host, &rh);
+                if (r < 0) {
+                    break;
+                }
+            }
+            uint64_t ne = 0;
+            if (host && rh == rt) {
+                r = vdk_file_pwrite_sync(s->file, zeroes, cs, host);
+                ne = host | (rt == 1 ? QCOW2_OFLAG_COPIED : 0);
+            } else if (host || n->backing) {
+                uint64_t nc = qcow2_ctl_alloc(s, 1, &r);
+                if (!nc) {
+                    break;
+                }
+                if (rt > 1) {
+                    r = qcow2_ctl_refcount(s, nc, 1, (int64_t)rt - 1);
+                }
+                if (r == 0) {
+                    r = vdk_file_pwrite_sync(s->file, zeroes, cs, nc);
+                }
+                ne = nc | (rt == 1 ? QCOW2_OFLAG_COPIED : 0);
+                if (r == 0 && host) {
+                    uint64_t d[2] = {host, rt};
+                    g_array_append_vals(drops, d, 2);
+                }
+            }
+            if (r == 0) {
+                qcow2_l2_set(s, sl->data, k, ne, 0);
+                changed = true;
+            }
+        }
+        if (changed && r == 0) {
+            r = vdk_file_flush_sync(s->file); /* the zeroes before the entries */
+            vdk_mc_mark_dirty(s->l2c, sl);
+        }
+        vdk_mc_unpin(sl);
+    }
+    return r;
+}
+
+/* v2 has no zero flag: the zero clusters of every L2 table, the active
+ * layer's and every internal snapshot's, become zeroed data clusters (or
+ * unallocated ones where nothing shows through).  Each table is done
+ * once, however many L1 tables share it. */
 static bool
 expand_zero_clusters(VdkNode *n, Qcow2 *s, GError **error)
 {
@@ -53,67 +131,66 @@ expand_zero_clusters(VdkNode *n, Qcow2 *s, GError **error)
         return false;
     }
     memset(zeroes, 0, cs);
-    uint32_t slice = vdk_mc_slice_size(s->l2c);
-    uint64_t per_slice = slice / s->l2_entry_size;
+    GHashTable *done = g_hash_table_new(g_int64_hash, g_int64_equal);
+    GArray *tables = g_array_new(FALSE, FALSE, sizeof(uint64_t));
+    GArray *drops = g_array_new(FALSE, FALSE, sizeof(uint64_t));
     int r = 0;
     g_mutex_lock(&n->lock);
-    for (uint64_t i = 0; i < s->l1_size && r == 0; i++) {
-        uint64_t table = s->l1[i] & QCOW2_OFFSET_MASK;
-        if (!table) {
+    /* every L2 table: the active L1's, then each snapshot's */
+    for (uint64_t i = 0; i < s->l1_size; i++) {
+        uint64_t t = s->l1[i] & QCOW2_OFFSET_MASK;
+        if (t) {
+            g_array_append_val(tables, t);
+        }
+    }
+    for (uint32_t k = 0; k < s->nb_snapshots && r == 0; k++) {
+        GError *err = NULL;
+        uint64_t *l1 = qcow2_snapshot_load_l1(s, &s->snapshots[k], &err);
+        if (!l1) {
+            g_mutex_unlock(&n->lock);
+            g_propagate_error(error, err);
+            g_array_free(tables, TRUE);
+            g_array_free(drops, TRUE);
+            g_hash_table_destroy(done);
+            free(zeroes);
+            return false;
+        }
+        for (uint32_t i = 0; i < s->snapshots[k].l1_size; i++) {
+            uint64_t t = l1[i] & QCOW2_OFFSET_MASK;
+            if (t) {
+                g_array_append_val(tables, t);
+            }
+        }
+        g_free(l1);
+    }
+    for (guint i = 0; i < tables->len && r == 0; i++) {
+        uint64_t *t = &g_array_index(tables, uint64_t, i);
+        if (g_hash_table_contains(done, t)) {
             continue;
         }
-        for (uint64_t so = 0; so < cs && r == 0; so += slice) {
-            VdkMetaEntry *sl = vdk_mc_get(s->l2c, table + so, NULL, &r);
-            if (!sl) {
-                if (r == -ENOBUFS) {
-                    g_mutex_unlock(&n->lock);
-                    bool ok = flush(n, error);
-                    g_mutex_lock(&n->lock);
-                    if (!ok) {
-                        r = -EIO;
-                        break;
-                    }
-                    r = 0;
-                    so -= slice; /* again */
-                    continue;
-                }
-                r = r ? r : -EIO;
-                break;
-            }
-            vdk_mc_pin(sl);
-            bool changed = false;
-            for (uint64_t k = 0; k < per_slice && r == 0; k++) {
-                uint64_t e = qcow2_l2_get(s, sl->data, k, NULL);
-                if ((e & QCOW2_OFLAG_COMPRESSED) || !(e & QCOW2_OFLAG_ZERO)) {
-                    continue;
-                }
-                uint64_t host = e & QCOW2_OFFSET_MASK;
-                uint64_t ne = 0;
-                if (!host && n->backing) {
-                    /* the backing file must not show through: a new cluster */
-                    host = qcow2_alloc_clusters(s, 1, NULL, &r);
-                    if (!host) {
-                        r = r ? r : -EIO;
-                        break;
-                    }
-                }
-                if (host) {
-                    r = vdk_file_pwrite_sync(s->file, zeroes, cs, host);
-                    ne = host | QCOW2_OFLAG_COPIED;
-                }
-                if (r == 0) {
-                    qcow2_l2_set(s, sl->data, k, ne, 0);
-                    changed = true;
-                }
-            }
-            if (changed && r == 0) {
-                r = vdk_file_flush_sync(s->file); /* the zeroes before the entries */
-                vdk_mc_mark_dirty(s->l2c, sl);
-            }
-            vdk_mc_unpin(sl);
+        g_hash_table_add(done, t);
+        uint64_t rt = 0;
+        r = qcow2_ctl_get_refcount(s, *t, &rt);
+        if (r == 0 && rt == 0) {
+            r = -EIO; /* a table nobody counts: corrupt; check -r first */
+        }
+        if (r == 0) {
+            r = expand_table(n, s, *t, rt, zeroes, drops);
+        }
+    }
+    /* the new entries on disk, then the old clusters lose them */
+    if (r == 0 && drops->len) {
+        r = qcow2_ctl_flush(s);
+        for (guint i = 0; i + 1 < drops->len && r == 0; i += 2) {
+            uint64_t host = g_array_index(drops, uint64_t, i);
+            uint64_t rt = g_array_index(drops, uint64_t, i + 1);
+            r = qcow2_ctl_refcount(s, host, 1, -(int64_t)rt);
         }
     }
     g_mutex_unlock(&n->lock);
+    g_array_free(tables, TRUE);
+    g_array_free(drops, TRUE);
+    g_hash_table_destroy(done);
     free(zeroes);
     if (r < 0) {
         g_set_error(error, VDK_ERROR, -r, "qcow2: expanding zero clusters failed: %s", g_strerror(-r));
@@ -220,11 +297,6 @@ qcow2_amend(VdkNode *n, GHashTable *kv, GError **error)
             g_set_error(error, VDK_ERROR, ENOTSUP,
                         "qcow2: downgrading an encrypted image is not supported (its zero clusters would have to "
                         "be written encrypted)");
-            return false;
-        }
-        if (s->nb_snapshots) {
-            g_set_error(error, VDK_ERROR, ENOTSUP,
-                        "qcow2: downgrading an image with internal snapshots is not supported yet");
             return false;
         }
     }

@@ -1047,6 +1047,31 @@ qcow2_bitmap_op(VdkNode *n, const VdkBitmapOp *op, GError **error)
     return ok;
 }
 
+int
+qcow2_bitmap_list(VdkNode *n, VdkBitmapInfo **out)
+{
+    Qcow2 *s = n->opaque;
+    *out = NULL;
+    if (s->version < 3) {
+        return -ENOTSUP;
+    }
+    g_mutex_lock(&n->lock);
+    int nb = (int)s->nb_bitmaps;
+    VdkBitmapInfo *l = nb ? g_new0(VdkBitmapInfo, nb) : NULL;
+    for (int i = 0; i < nb; i++) {
+        const Qcow2Bitmap *bm = &s->bitmaps[i];
+        l[i].name = g_strdup(bm->name);
+        l[i].granularity = bm->gran_bits < 64 ? (uint64_t)1 << bm->gran_bits : 0;
+        l[i].enabled = (bm->flags & QCOW2_BM_AUTO) != 0;
+        /* in use on disk before this session marked it */
+        l[i].in_use = (bm->flags & QCOW2_BM_IN_USE) && !bm->marked;
+        l[i].usable = bm->usable;
+    }
+    g_mutex_unlock(&n->lock);
+    *out = l;
+    return nb;
+}
+
 bool
 qcow2_bitmaps_block(Qcow2 *s, const char *what, GError **error)
 {

@@ -698,33 +698,159 @@ qcow2_alloc_done(VdkNode *n, VdkAlloc *base, int err, VdkQueue *q)
     g_free(a);
 }
 
+/* Forget every partly used packing cluster: after a snapshot, a compact
+ * or anything else that changes who references them. */
+void
+qcow2_comp_reset(Qcow2 *s)
+{
+    s->comp_cluster = 0;
+    s->comp_used = 0;
+    s->comp_nopen = 0;
+}
+
+/* @cluster's refcount dropped to zero (it is about to be freed and may be
+ * reused): no compressed data may be packed into it any more. */
+void
+qcow2_comp_forget(Qcow2 *s, uint64_t cluster)
+{
+    if (s->comp_cluster == cluster) {
+        s->comp_cluster = 0;
+        s->comp_used = 0;
+    }
+    for (int i = 0; i < s->comp_nopen; i++) {
+        if (s->comp_open[i].cluster == cluster) {
+            s->comp_open[i] = s->comp_open[--s->comp_nopen];
+            i--;
+        }
+    }
+}
+
+/* Keep the tail of the packing cluster being left for later data (the
+ * one with the least room left makes way when all slots are taken). */
+static void
+comp_keep_open(Qcow2 *s)
+{
+    if (!s->comp_cluster || s->comp_used + 512 > s->cluster_size || s->refcount_bits == 1) {
+        return;
+    }
+    int slot = s->comp_nopen;
+    if (slot == QCOW2_COMP_OPEN) {
+        slot = 0;
+        for (int i = 1; i < s->comp_nopen; i++) {
+            if (s->comp_open[i].used > s->comp_open[slot].used) {
+                slot = i;
+            }
+        }
+        if (s->comp_open[slot].used <= s->comp_used) {
+            return;
+        }
+    } else {
+        s->comp_nopen++;
+    }
+    s->comp_open[slot].cluster = s->comp_cluster;
+    s->comp_open[slot].used = s->comp_used;
+}
+
 /* Space for @len bytes of compressed data: packed after the previous
- * compressed cluster in the same host cluster when it fits (that cluster
- * gains a reference), else in a new cluster. */
+ * compressed data when it fits in the rest of that host cluster; else in
+ * the first earlier packing cluster whose free tail it fits; else, when
+ * the next allocation would be the cluster right after the packing
+ * cluster, the data continues into it (both clusters gain a reference),
+ * as qemu packs them; otherwise it starts a new cluster and the tail of
+ * the old one is kept for later data.  Restartable: a wait (a refcount
+ * block to load) leaves the state so that calling again finishes the
+ * same step. */
 static uint64_t
 alloc_bytes(Qcow2 *s, uint64_t len, VdkRequest *r, int *ret)
 {
+    uint64_t cs = s->cluster_size;
     uint64_t off;
     *ret = -ERANGE;
-    if (s->comp_cluster && s->comp_used + len <= s->cluster_size) {
+    if (s->comp_span_next && (!s->comp_cluster || s->comp_span_next != s->comp_cluster + cs)) {
+        /* stale (the packing cluster was reset meanwhile): a fresh cluster */
+        s->comp_cluster = s->comp_span_next;
+        s->comp_used = 0;
+        s->comp_span_next = 0;
+    }
+    if (s->comp_cluster && s->comp_used + len <= cs) {
         *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
         if (*ret != 0 && *ret != -ERANGE) {
             return 0;
         }
+        if (*ret == 0) {
+            off = s->comp_cluster + s->comp_used;
+            s->comp_used += len;
+            return off;
+        }
     }
-    if (*ret == 0) {
-        off = s->comp_cluster + s->comp_used;
-    } else {
-        /* no room, or its refcount is at the maximum the width allows
-         * (1-bit refcounts: one compressed cluster per host cluster) */
-        off = qcow2_alloc_clusters(s, 1, r, ret);
-        if (!off) {
+    if (!s->comp_span_next) {
+        for (int i = 0; i < s->comp_nopen; i++) {
+            if (s->comp_open[i].used + len > cs) {
+                continue;
+            }
+            *ret = qcow2_update_refcount(s, s->comp_open[i].cluster, 1, 1, r);
+            if (*ret == -ERANGE) {
+                /* its refcount is at the maximum the width allows */
+                s->comp_open[i--] = s->comp_open[--s->comp_nopen];
+                continue;
+            }
+            if (*ret != 0) {
+                return 0;
+            }
+            off = s->comp_open[i].cluster + s->comp_open[i].used;
+            s->comp_open[i].used += len;
+            if (s->comp_open[i].used + 512 > cs) {
+                s->comp_open[i] = s->comp_open[--s->comp_nopen];
+            }
+            return off;
+        }
+        *ret = -ERANGE;
+    }
+    if (s->comp_cluster && s->comp_used < cs && len <= cs &&
+        (s->comp_span_next || s->next_free == s->comp_cluster + cs)) {
+        if (!s->comp_span_next) {
+            uint64_t next = qcow2_alloc_clusters(s, 1, r, ret);
+            if (!next) {
+                return 0;
+            }
+            if (next != s->comp_cluster + cs) {
+                /* not contiguous after all (refcount structures went
+                 * first): pack from the start of the new cluster */
+                comp_keep_open(s);
+                s->comp_cluster = next;
+                s->comp_used = len;
+                *ret = 0;
+                return next;
+            }
+            s->comp_span_next = next;
+        }
+        *ret = qcow2_update_refcount(s, s->comp_cluster, 1, 1, r);
+        if (*ret != 0 && *ret != -ERANGE) {
             return 0;
         }
-        s->comp_cluster = off;
-        s->comp_used = 0;
+        if (*ret == 0) {
+            off = s->comp_cluster + s->comp_used;
+            s->comp_used = s->comp_used + len - cs;
+        } else {
+            /* the old cluster's refcount is at its maximum (1-bit
+             * refcounts): start at the new cluster */
+            off = s->comp_span_next;
+            s->comp_used = len;
+            *ret = 0;
+        }
+        s->comp_cluster = s->comp_span_next;
+        s->comp_span_next = 0;
+        return off;
     }
-    s->comp_used += len;
+    /* no packing cluster yet, or no room anywhere and no contiguous
+     * cluster, or its refcount is at the maximum the width allows */
+    off = qcow2_alloc_clusters(s, 1, r, ret);
+    if (!off) {
+        return 0;
+    }
+    comp_keep_open(s);
+    s->comp_cluster = off;
+    s->comp_used = len;
     return off;
 }
 

@@ -276,7 +276,7 @@ qcow2_compact(VdkNode *n, uint64_t *before, uint64_t *after, GError **error)
         } else {
             s->file->size = end << cb;
             s->next_free = end << cb;
-            s->comp_cluster = 0;
+            qcow2_comp_reset(s);
             if (fsync(s->file->fd) != 0) {
                 r = -errno;
             }

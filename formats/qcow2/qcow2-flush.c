@@ -240,6 +240,7 @@ wb_apply_frees(Wb *wb)
             }
             uint64_t rc = 1;
             if (qcow2_get_refcount(s, off, &rc, NULL) == 0 && rc == 0) {
+                qcow2_comp_forget(s, off);
                 if (punch->len) {
                     Qcow2Free *p = &g_array_index(punch, Qcow2Free, punch->len - 1);
                     if (p->offset + ((uint64_t)p->count << s->cluster_bits) == off) {

@@ -605,7 +605,7 @@ qcow2_snapshot_create(VdkNode *n, const char *name, GError **error)
     if (!write_table(s, list, s->nb_snapshots + 1, error)) {
         goto out;
     }
-    s->comp_cluster = 0; /* start packing compressed data in a fresh cluster */
+    qcow2_comp_reset(s); /* start packing compressed data in a fresh cluster */
     r = qcow2_ctl_flush(s);     /* frees the old table */
     if (r < 0) {
         fail_errno(error, r, "flush after the snapshot failed");
@@ -759,7 +759,7 @@ qcow2_snapshot_apply(VdkNode *n, const char *name, GError **error)
     s->l1_dirty_lo = UINT64_MAX;
     s->l1_dirty_hi = 0;
     s->hdr_dirty = true;
-    s->comp_cluster = 0;
+    qcow2_comp_reset(s);
     s->meta_prealloc = -1;
     r = qcow2_ctl_flush(s);
     if (r < 0) {

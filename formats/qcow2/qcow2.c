@@ -125,6 +125,23 @@ qcow2_decompress(VdkNode *n, const void *in, size_t in_len, void *out, size_t ou
     return (r == LIBDEFLATE_SUCCESS && got == out_len) ? 0 : -EIO;
 }
 
+/* zlib level for compressed clusters.  qemu uses 6 (zlib's default); 5
+ * compresses about 15% faster for +0.5% bytes on an ext4 of system files
+ * (4 is another 5-10% faster but +1.9% there and +5% on repetitive text,
+ * past the 3% the converter issue allows).  Any level inflates with
+ * QEMU's reader. */
+#ifndef QCOW2_ZLIB_LEVEL
+#define QCOW2_ZLIB_LEVEL 5
+#endif
+
+static void
+qcow2_zstream_free(gpointer p)
+{
+    z_stream *z = p;
+    deflateEnd(z);
+    g_free(z);
+}
+
 ssize_t
 qcow2_compress(const Qcow2 *s, const void *in, size_t in_len, void *out, size_t out_cap)
 {
@@ -136,19 +153,28 @@ qcow2_compress(const Qcow2 *s, const void *in, size_t in_len, void *out, size_t 
         return n < in_len ? (ssize_t)n : 0;
     }
     /* A 4 KiB window (windowBits -12): QEMU inflates with that window, so
-     * streams with longer back-references would not read there. */
-    z_stream z;
-    memset(&z, 0, sizeof(z));
-    if (deflateInit2(&z, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
-        return -ENOMEM;
+     * streams with longer back-references would not read there.  One
+     * stream per thread, reset for each cluster: setting one up allocates
+     * and faults in ~270 KiB, a tenth of the cost of compressing a 64 KiB
+     * cluster. */
+    static GPrivate zkey = G_PRIVATE_INIT(qcow2_zstream_free);
+    z_stream *z = g_private_get(&zkey);
+    if (!z) {
+        z = g_new0(z_stream, 1);
+        if (deflateInit2(z, QCOW2_ZLIB_LEVEL, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY) != Z_OK) {
+            g_free(z);
+            return -ENOMEM;
+        }
+        g_private_set(&zkey, z);
+    } else if (deflateReset(z) != Z_OK) {
+        return -EIO;
     }
-    z.next_in = (Bytef *)in;
-    z.avail_in = (uInt)in_len;
-    z.next_out = out;
-    z.avail_out = (uInt)out_cap;
-    int r = deflate(&z, Z_FINISH);
-    size_t n = out_cap - z.avail_out;
-    deflateEnd(&z);
+    z->next_in = (Bytef *)in;
+    z->avail_in = (uInt)in_len;
+    z->next_out = out;
+    z->avail_out = (uInt)out_cap;
+    int r = deflate(z, Z_FINISH);
+    size_t n = out_cap - z->avail_out;
     if (r != Z_STREAM_END || n >= in_len) {
         return 0;
     }
@@ -1089,5 +1115,6 @@ const VdkFormat vdk_format_qcow2 = {
     .amend = qcow2_amend,
     .compact = qcow2_compact,
     .bitmap = qcow2_bitmap_op,
+    .bitmap_list = qcow2_bitmap_list,
     .before_close = qcow2_bitmaps_store,
 };

@@ -134,6 +134,8 @@ typedef struct {
     uint32_t count;  /* clusters */
 } Qcow2Free;
 
+#define QCOW2_COMP_OPEN 8 /* partly used compressed-data clusters kept */
+
 struct Qcow2 {
     /* Allocating writes whose entries changed in memory (counted at
      * alloc_done), and how many of them a completed sync covers: L2 slices
@@ -216,6 +218,17 @@ struct Qcow2 {
     uint64_t next_free;
     uint64_t comp_cluster;    /* cluster holding packed compressed data, or 0 */
     uint64_t comp_used;       /* bytes used in it */
+    uint64_t comp_span_next;  /* the cluster right after comp_cluster, allocated
+                               * for compressed data that continues into it
+                               * (while the old cluster's reference is taken), or 0 */
+    /* Earlier packing clusters whose tails are still free: compressed
+     * data that fits goes there before a new cluster is taken, so
+     * clusters written uncompressed between compressed ones (out of
+     * order, from several workers) do not leave their tails unused. */
+    struct {
+        uint64_t cluster, used;
+    } comp_open[QCOW2_COMP_OPEN];
+    int comp_nopen;
     Qcow2Alloc *allocs;       /* allocating writes in flight */
     GThreadPool *comp_pool;   /* compressed writes: compression workers (lazy) */
     GArray *frees;            /* Qcow2Free, applied after the next durable flush */
@@ -334,6 +347,8 @@ int qcow2_block_status(VdkNode *n, uint64_t offset, uint64_t len, VdkExtent *ext
 int qcow2_discard(VdkNode *n, VdkRequest *r);
 int qcow2_write_zeroes(VdkNode *n, VdkRequest *r);
 int qcow2_write_compressed(VdkNode *n, VdkRequest *r, uint64_t offset, uint64_t len, VdkExtent *ext);
+void qcow2_comp_reset(Qcow2 *s);
+void qcow2_comp_forget(Qcow2 *s, uint64_t cluster);
 void qcow2_comp_job_free(Qcow2CompJob *job);
 void qcow2_comp_run(Qcow2CompJob *job);
 bool qcow2_comp_submit(Qcow2 *s, Qcow2CompJob *job);
@@ -406,6 +421,7 @@ void qcow2_bitmaps_free(Qcow2 *s);
 uint64_t qcow2_bitmaps_measure(VdkImage *src, uint64_t cs);
 void qcow2_bitmaps_info(Qcow2 *s, GString *json, GPtrArray *lines);
 bool qcow2_bitmap_op(VdkNode *n, const VdkBitmapOp *op, GError **error);
+int qcow2_bitmap_list(VdkNode *n, VdkBitmapInfo **out);
 /* Every tracked bitmap covers [off, off+len) as dirty. */
 void qcow2_bitmaps_mark_slow(Qcow2 *s, uint64_t off, uint64_t len);
 static inline void

@@ -579,6 +579,26 @@ typedef struct VdkBitmapOp {
  */
 VDK_API bool vdk_image_bitmap(VdkImage *img, const VdkBitmapOp *op, GError **error);
 
+/** One persistent dirty bitmap as stored (vdk_image_list_bitmaps()). */
+typedef struct VdkBitmapInfo {
+    char *name;           /* owned by the list */
+    uint64_t granularity; /* bytes per bit */
+    bool enabled;         /* the "auto" flag: writes set its bits */
+    bool in_use;          /* inconsistent: in use on disk when the image was opened (another writer, or a crash) */
+    bool usable;          /* vdk can read and copy it (known type, granularity and extra data) */
+} VdkBitmapInfo;
+
+/**
+ * vdk_image_list_bitmaps: the persistent dirty bitmaps of the top image,
+ * in directory order.  Returns their number (0 for none) and stores a
+ * list in *@out (NULL when 0; free with vdk_bitmap_list_free()), or
+ * -ENOTSUP when the format cannot hold bitmaps (raw, vdi, vmdk, qcow2
+ * version 2).  No I/O.  Thread-safe against I/O on other queues.
+ */
+VDK_API int vdk_image_list_bitmaps(VdkImage *img, VdkBitmapInfo **out);
+/** vdk_bitmap_list_free: free a list from vdk_image_list_bitmaps(); NULL is fine. */
+VDK_API void vdk_bitmap_list_free(VdkBitmapInfo *list, int n);
+
 /** What a new image needs on disk (qemu-img measure). */
 typedef struct VdkMeasure {
     uint64_t required;        /* bytes for the image with the source's data ("required size") */

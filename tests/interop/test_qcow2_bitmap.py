@@ -595,6 +595,90 @@ def t_unusable_kept(t):
     del dir_before
 
 
+def t_convert_bitmaps(t):
+    """convert --bitmaps and --skip-broken-bitmaps as qemu-img's: the same
+    bitmaps (name, flags, granularity, bits) in the target, the same
+    messages for what cannot be done; vdk leaves no target behind when it
+    refuses (qemu-img leaves the one it created)."""
+    qemu_made(t)
+    t.qemu_io('img.qcow2', 'write -P 1 0 64k', 'write -P 2 5M 1M', 'write -z 9M 200k', 'discard 12M 64k',
+              fmt='qcow2')
+    expect_rc(t.qemu_img('bitmap', '--add', '-g', '128k', 'img.qcow2', 'late'), 0)
+    t.qemu_io('img.qcow2', 'write -P 3 3M 4k', fmt='qcow2')
+    for opts in ([], ['-o', 'cluster_size=4096'], ['-c']):
+        for f in ('v.qcow2', 'q.qcow2'):
+            if os.path.exists(t.path(f)):
+                os.unlink(t.path(f))
+        what = 'convert --bitmaps %s' % ' '.join(opts)
+        expect_rc(t.vdk('convert', '--bitmaps', '-O', 'qcow2', *opts, 'img.qcow2', 'v.qcow2'), 0, 'vdk ' + what)
+        expect_rc(t.qemu_img('convert', '--bitmaps', '-O', 'qcow2', *opts, 'img.qcow2', 'q.qcow2'), 0,
+                  'qemu-img ' + what)
+        bv, bq = read_bitmaps(t.path('v.qcow2')), read_bitmaps(t.path('q.qcow2'))
+        expect_eq(sorted(bv), ['b0', 'coarse', 'fine', 'late', 'off'], what + ': bitmap names')
+        expect_eq(bv, bq, what + ': flags, granularity and bits as qemu-img\'s')
+        expect(bv['b0'][2], what + ': b0 has bits set')
+        expect_eq([e['name'] for _, e in directory(t.path('v.qcow2'))],
+                  [e['name'] for _, e in directory(t.path('q.qcow2'))], what + ': directory order')
+        info_both(t, 'v.qcow2', what)
+        check_both(t, 'v.qcow2', what)
+        expect_rc(t.qemu_img('compare', 'img.qcow2', 'v.qcow2'), 0, what + ': content')
+    # what cannot be done: the same message and exit code as qemu-img
+    with open(t.path('plain.raw'), 'wb') as f:
+        f.truncate(16 * MiB)
+    shutil.copy(t.path('img.qcow2'), t.path('inuse.qcow2'))
+    ents = directory(t.path('inuse.qcow2'))
+    for off, e in ents:
+        if e['name'] in ('fine', 'off'):
+            with open(t.path('inuse.qcow2'), 'r+b') as f:
+                f.seek(off + 12)
+                f.write(struct.pack('>I', e['flags'] | IN_USE))
+    expect_rc(t.qemu_img('create', '-q', '-f', 'qcow2', 'has.qcow2', '16M'), 0)
+    expect_rc(t.qemu_img('bitmap', '--add', 'has.qcow2', 'coarse'), 0)
+    cases = [
+        (['-O', 'raw', 'img.qcow2', 'x.raw'], 'x.raw'),
+        (['-O', 'qcow2', '-o', 'compat=0.10', 'img.qcow2', 'x.qcow2'], 'x.qcow2'),
+        (['-f', 'raw', '-O', 'qcow2', 'plain.raw', 'x.qcow2'], 'x.qcow2'),
+        (['-O', 'qcow2', 'img.qcow2', 'img.qcow2', 'x.qcow2'], 'x.qcow2'),
+        (['-O', 'qcow2', 'inuse.qcow2', 'x.qcow2'], 'x.qcow2'),
+        (['-n', '-O', 'qcow2', 'img.qcow2', 'has.qcow2'], None),
+    ]
+    for args, out in cases:
+        if out is None:
+            # qemu-img adds bitmaps (last to first) until one clashes;
+            # vdk checks every name first and changes nothing
+            shutil.copy(t.path('has.qcow2'), t.path('has-q.qcow2'))
+            shutil.copy(t.path('has.qcow2'), t.path('has-v.qcow2'))
+            rq = t.qemu_img('convert', '--bitmaps', *args[:-1], 'has-q.qcow2')
+            rv = t.vdk('convert', '--bitmaps', *args[:-1], 'has-v.qcow2')
+            expect_eq(directory(t.path('has-v.qcow2')), directory(t.path('has.qcow2')), 'clash: target unchanged')
+        else:
+            rq = t.qemu_img('convert', '--bitmaps', *args)
+            if os.path.exists(t.path(out)):
+                os.unlink(t.path(out))
+            rv = t.vdk('convert', '--bitmaps', *args)
+        what = 'convert --bitmaps ' + ' '.join(args)
+        expect_eq(rv.rc, rq.rc, what + ': exit code as qemu-img\'s', rv)
+        expect_eq(rv.err.replace('vdk: ', '').replace('vdk bitmap', 'qemu-img bitmap'),
+                  rq.err.replace('qemu-img: ', ''), what + ': message as qemu-img\'s', rv)
+        expect(rv.rc == 0 or not out or not os.path.exists(t.path(out)), what + ': no target left', rv)
+    rq = t.qemu_img('convert', '--skip-broken-bitmaps', '-O', 'qcow2', 'img.qcow2', 'x.qcow2')
+    rv = t.vdk('convert', '--skip-broken-bitmaps', '-O', 'qcow2', 'img.qcow2', 'x.qcow2')
+    expect_eq((rv.rc, rv.err.replace('vdk: ', '')), (rq.rc, rq.err.replace('qemu-img: ', '')),
+              '--skip-broken-bitmaps alone', rv)
+    # --skip-broken-bitmaps: the consistent ones are copied, with warnings
+    for f in ('v.qcow2', 'q.qcow2'):
+        if os.path.exists(t.path(f)):
+            os.unlink(t.path(f))
+    rq = t.qemu_img('convert', '--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', 'inuse.qcow2', 'q.qcow2')
+    rv = t.vdk('convert', '--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', 'inuse.qcow2', 'v.qcow2')
+    expect_eq((rv.rc, rv.err.replace('vdk: ', '')), (rq.rc, rq.err.replace('qemu-img: ', '')),
+              '--skip-broken-bitmaps: exit code and warnings as qemu-img\'s', rv)
+    bv = read_bitmaps(t.path('v.qcow2'))
+    expect_eq(sorted(bv), ['b0', 'coarse', 'late'], '--skip-broken-bitmaps: the consistent ones copied')
+    expect_eq(bv, read_bitmaps(t.path('q.qcow2')), '--skip-broken-bitmaps: as qemu-img\'s')
+    check_both(t, 'v.qcow2', '--skip-broken-bitmaps')
+
+
 suite.add('bitmap/qemu-made-listed', t_qemu_listed)
 suite.add('bitmap/vdk-made-used-by-qemu', t_vdk_made)
 for label, opts in (('64k', ''), ('512', 'cluster_size=512'), ('2M', 'cluster_size=2M'),
@@ -606,6 +690,7 @@ suite.add('bitmap/resize-snapshot-compact-amend', t_resize_and_refusals)
 suite.add('bitmap/killed-at-every-write', t_killed)
 suite.add('bitmap/hostile-directories', t_hostile)
 suite.add('bitmap/unusable-kept', t_unusable_kept)
+suite.add('bitmap/convert-bitmaps', t_convert_bitmaps)
 
 if __name__ == '__main__':
     main(suite)

@@ -15,6 +15,8 @@
  *   runtime-corruption  an L2 entry pointing into the header fails the
  *                read with EIO and marks the image corrupt; writes are
  *                refused; the image reopens read-only only.
+ *   compressed-packing  compressed data fills the free tails of earlier
+ *                packing clusters, never one freed at a flush.
  *   crash        a writer killed with SIGKILL at random moments: the image
  *                has no corruption (leaks allowed) and every write completed
  *                before the last completed flush reads back.
@@ -594,6 +596,108 @@ test_runtime_corruption(void)
     g_free(path);
 }
 
+/* The compressed-cluster entry of guest cluster @idx (64 KiB clusters, one
+ * L2 table): its host byte offset, or 0 when it is not compressed. */
+static uint64_t
+comp_host(const char *path, uint32_t idx)
+{
+    uint64_t l2 = read_l1_entry(path, 0) & 0x00fffffffffffe00ULL;
+    g_assert_cmpuint(l2, !=, 0);
+    int fd = open(path, O_RDONLY);
+    uint8_t e[8];
+    g_assert_cmpint(pread(fd, e, 8, (off_t)(l2 + idx * 8)), ==, 8);
+    close(fd);
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) {
+        v = (v << 8) | e[i];
+    }
+    if (!(v & (1ULL << 62))) {
+        return 0;
+    }
+    return v & ((1ULL << 54) - 1); /* x = 62 - (16 - 8) = 54 offset bits */
+}
+
+/* A 64 KiB cluster that deflates to roughly @incompressible bytes. */
+static void
+fill_part_random(uint8_t *buf, size_t incompressible, uint64_t *rng)
+{
+    memset(buf, 0, 65536);
+    test_fill_random(buf, incompressible, rng);
+}
+
+/* Compressed data goes into the free tail of an earlier packing cluster
+ * when the next one is not contiguous; a packing cluster whose refcount
+ * has dropped to zero (freed at a flush) is never packed into again. */
+static void
+test_compressed_packing(void)
+{
+    char *path = test_path("pack.qcow2");
+    create_qcow2(path, 64 << 20, NULL, NULL);
+    VdkImage *img = open_with(path, NULL, false, NULL);
+    uint8_t *buf = g_malloc(65536);
+    uint64_t rng = 99;
+    const uint64_t cs = 65536;
+    /* A (30 KB) opens packing cluster C1 */
+    fill_part_random(buf, 30000, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 0, VDK_REQ_COMPRESS), ==, 0);
+    /* an uncompressed cluster right after C1 */
+    fill_part_random(buf, 65536, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 1 << 20, 0), ==, 0);
+    /* B (60 KB) does not fit C1's tail and cannot continue past it: C3 */
+    fill_part_random(buf, 60000, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, cs, VDK_REQ_COMPRESS), ==, 0);
+    /* C (20 KB) does not fit C3's tail but fits C1's */
+    fill_part_random(buf, 20000, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 2 * cs, VDK_REQ_COMPRESS), ==, 0);
+    g_assert_cmpint(vdk_image_flush(img), ==, 0);
+    uint64_t a = comp_host(path, 0), b = comp_host(path, 1), c = comp_host(path, 2);
+    g_assert_cmpuint(a, !=, 0);
+    g_assert_cmpuint(b, !=, 0);
+    g_assert_cmpuint(c, !=, 0);
+    g_assert_cmpuint(b / cs, !=, a / cs);
+    g_assert_cmpuint(c / cs, ==, a / cs); /* packed into C1's tail */
+    /* A and C overwritten uncompressed: C1 is freed at the next flush */
+    fill_part_random(buf, 65536, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 0, 0), ==, 0);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 2 * cs, 0), ==, 0);
+    g_assert_cmpint(vdk_image_flush(img), ==, 0);
+    g_assert_cmpint(vdk_image_flush(img), ==, 0);
+    /* D (10 KB) does not fit B's cluster; it would fit C1's old tail */
+    fill_part_random(buf, 10000, &rng);
+    g_assert_cmpint(vdk_image_pwrite(img, buf, cs, 3 * cs, VDK_REQ_COMPRESS), ==, 0);
+    g_assert_cmpint(vdk_image_flush(img), ==, 0);
+    uint64_t d = comp_host(path, 3);
+    g_assert_cmpuint(d, !=, 0);
+    g_assert_cmpuint(d / cs, !=, a / cs);
+    /* every cluster reads back */
+    rng = 99;
+    uint8_t *want = g_malloc(65536);
+    const size_t sizes[] = {30000, 65536, 60000, 20000, 65536, 10000};
+    const uint64_t where[] = {0, 1 << 20, cs, 2 * cs, 0, 3 * cs};
+    vdk_image_close(img, NULL);
+    img = open_with(path, NULL, true, NULL);
+    for (size_t i = 0; i < G_N_ELEMENTS(sizes); i++) {
+        fill_part_random(want, sizes[i], &rng);
+        if (i == 4) {
+            /* the same content overwrote clusters 0 and 2 */
+            g_assert_cmpint(vdk_image_pread(img, buf, cs, 2 * cs), ==, 0);
+            g_assert_cmpmem(buf, cs, want, cs);
+        }
+        if (i == 0 || i == 3) {
+            continue; /* overwritten */
+        }
+        g_assert_cmpint(vdk_image_pread(img, buf, cs, where[i]), ==, 0);
+        g_assert_cmpmem(buf, cs, want, cs);
+    }
+    vdk_image_close(img, NULL);
+    char *cmd = g_strdup_printf("qemu-img check -q '%s'", path);
+    g_assert_cmpint(test_sh(cmd), ==, 0);
+    g_free(cmd);
+    g_free(want);
+    g_free(buf);
+    g_free(path);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Crash consistency with a real SIGKILL                                     */
 /* ------------------------------------------------------------------------ */
@@ -722,6 +826,7 @@ main(int argc, char **argv)
         g_free(p);
     }
     g_test_add_func("/qcow2/runtime-corruption", test_runtime_corruption);
+    g_test_add_func("/qcow2/compressed-packing", test_compressed_packing);
     test_add_variants("qcow2", "crash-sigkill", test_crash, buffered);
     test_add_variants("qcow2", "crash-sigkill-bitmap", test_crash_bitmap, buffered);
     return g_test_run();
