@@ -52,7 +52,12 @@ def t_smoke(t):
             expect(w['qemu-img bench qcow2']['iops'] > 0, '%s: no qemu-img bench' % w['name'])
     expect_eq([e['engine'] for e in r['engines']], ['io_uring', 'native', 'threads'], 'engines')
     expect(all(e['iops'] > 0 for e in r['engines']), 'an engine with no IOPS: %r' % r['engines'])
-    expect(len(r['targets']) == 11, 'targets judged: %r' % r['targets'])
+    expect_eq([w['name'] for w in r['serve']], ['4K randread QD32', '4K randwrite QD32'], 'NBD rows')
+    for w in r['serve']:
+        for k in ('vdk serve', 'qemu-nbd'):
+            expect(w[k]['iops'] > 0, '%s %s: %r' % (w['name'], k, w[k]))
+    expect('| 4K randread QD32 |' in res.out, 'NBD table missing', res)
+    expect(len(r['targets']) == 13, 'targets judged: %r' % r['targets'])
     expect(r['source']['files_bytes'] > (48 << 20) // 4, 'source filesystem nearly empty: %r' % r['source'])
     root = ET.parse(svg).getroot()
     expect(root.tag.endswith('svg'), 'the chart is not SVG: %s' % root.tag)
